@@ -1,0 +1,38 @@
+"""gcomp: communication compression for PyTorch DistributedDataParallel.
+
+One line turns it on::
+
+    state = gcomp.register(ddp_model, "powersgd", rank=4)
+
+or, PyTorch style, ``ddp_model.register_comm_hook(gcomp.PowerSGDState(rank=4), gcomp.powersgd_hook)``.
+"""
+from .api import METHODS, register
+from .hooks import (
+    AllreduceState,
+    BF16State,
+    FP16State,
+    HookState,
+    PowerSGDState,
+    allreduce_hook,
+    bf16_hook,
+    comm_hook,
+    fp16_hook,
+    powersgd_hook,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "AllreduceState",
+    "BF16State",
+    "FP16State",
+    "HookState",
+    "PowerSGDState",
+    "allreduce_hook",
+    "bf16_hook",
+    "comm_hook",
+    "fp16_hook",
+    "powersgd_hook",
+    "register",
+]

@@ -1,0 +1,45 @@
+"""``gcomp.register``: the one-line way to compress a DDP model's gradient traffic."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from .hooks import AllreduceState, BF16State, FP16State, HookState, PowerSGDState, comm_hook
+
+METHODS: dict[str, type[HookState]] = {
+    "allreduce": AllreduceState,
+    "fp16": FP16State,
+    "bf16": BF16State,
+    "powersgd": PowerSGDState,
+}
+
+_STATE_ATTRIBUTE = "_gcomp_state"
+
+
+def register(
+    ddp_model: DistributedDataParallel,
+    method: str,
+    *,
+    process_group: Optional[dist.ProcessGroup] = None,
+    **options: Any,
+) -> HookState:
+    """Register gcomp's hook for ``method`` on ``ddp_model`` and return its state.
+
+    ``options`` are the keyword arguments of the method's state class (e.g. ``rank=4`` for
+    ``"powersgd"``; see the README's option table). Call before the first backward pass, on every
+    rank with the same arguments. Keep the returned state: it has ``stats()``, ``state_dict()`` and
+    ``load_state_dict()``.
+    """
+    if not isinstance(ddp_model, DistributedDataParallel):
+        raise TypeError(f"gcomp.register needs a torch.nn.parallel.DistributedDataParallel model; got {type(ddp_model).__name__}")
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    if getattr(ddp_model, _STATE_ATTRIBUTE, None) is not None:
+        raise ValueError("a gcomp hook is already registered on this DDP model (DDP allows one comm hook per model)")
+    state = METHODS[method](process_group, **options)
+    state.attach(ddp_model)
+    ddp_model.register_comm_hook(state, comm_hook)
+    setattr(ddp_model, _STATE_ATTRIBUTE, state)
+    return state

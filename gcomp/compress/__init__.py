@@ -1,0 +1,1 @@
+"""Compression math: pure tensor code, no torch.distributed (low-rank, top-k, message packing)."""

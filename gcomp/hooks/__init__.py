@@ -1,0 +1,17 @@
+"""The DDP comm hooks: one adapter (``base``) and one module per method."""
+from .base import HookState, comm_hook
+from .baseline import AllreduceState, BF16State, FP16State, allreduce_hook, bf16_hook, fp16_hook
+from .powersgd import PowerSGDState, powersgd_hook
+
+__all__ = [
+    "AllreduceState",
+    "BF16State",
+    "FP16State",
+    "HookState",
+    "PowerSGDState",
+    "allreduce_hook",
+    "bf16_hook",
+    "comm_hook",
+    "fp16_hook",
+    "powersgd_hook",
+]

@@ -1,0 +1,66 @@
+"""Uncompressed baselines with the same accounting as the compressing hooks.
+
+- ``allreduce``: what DDP does without a hook (average in the bucket's dtype).
+- ``fp16`` / ``bf16``: cast to half precision, divide by the world size *before* the sum (so fp16
+  does not overflow), allreduce, cast back. Unlike PyTorch's ``bf16_compress_hook`` these run on
+  CPU/gloo too.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import HookState, comm_hook
+from .layout import BucketLayout
+
+
+class AllreduceState(HookState):
+    """Plain averaging allreduce through the gcomp adapter (the reference every method is
+    compared with)."""
+
+    method = "allreduce"
+
+    def reduce(self, buffer: torch.Tensor, layout: BucketLayout, step: int) -> torch.Tensor:
+        for slot in layout.layers:
+            nbytes = slot.numel * buffer.element_size()
+            self.traffic.record_layer(slot.name, slot.shape, "dense", nbytes, nbytes)
+        return self.dense_average_(buffer)
+
+
+class CastState(HookState):
+    """Allreduce in a narrower floating-point dtype (``wire_dtype``)."""
+
+    method = "cast"
+    wire_dtype: torch.dtype = torch.float16
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "wire_dtype": str(self.wire_dtype)}
+
+    def reduce(self, buffer: torch.Tensor, layout: BucketLayout, step: int) -> torch.Tensor:
+        wire = buffer.to(self.wire_dtype)
+        wire.div_(self.transport.world_size)
+        self.transport.allreduce_sum_(wire, self.traffic)
+        element = wire.element_size()
+        for slot in layout.layers:
+            self.traffic.record_layer(
+                slot.name, slot.shape, str(self.wire_dtype).replace("torch.", ""), slot.numel * element, slot.numel * buffer.element_size()
+            )
+        buffer.copy_(wire)
+        return buffer
+
+
+class FP16State(CastState):
+    method = "fp16"
+    wire_dtype = torch.float16
+
+
+class BF16State(CastState):
+    method = "bf16"
+    wire_dtype = torch.bfloat16
+
+
+# PyTorch-style names for the (state, hook) pair; every gcomp state works with the same hook.
+allreduce_hook = comm_hook
+fp16_hook = comm_hook
+bf16_hook = comm_hook

@@ -1,0 +1,316 @@
+"""PowerSGD (Vogels et al., NeurIPS 2019) as a DDP comm hook: rank-r factors instead of gradients.
+
+Follow one bucket through :meth:`PowerSGDState.reduce`:
+
+1. Split the bucket's layers into *compressed* matrices (those whose factors are
+   ``min_compression_rate`` times smaller, see :func:`~gcomp.compress.lowrank.should_compress`) and
+   *dense* leftovers (biases, norms, small matrices). Same-shape matrices form one batch.
+2. ``M = gradient + residual`` (error feedback), ``P = M Q`` with ``Q`` the warm-start factor of
+   the previous step (or, on the first step / without warm start, a random matrix drawn from a
+   generator seeded by ``seed`` and the layer name: identical on every rank).
+3. **Collective 1**: one allreduce of ``[dense leftovers | all P of the bucket | health flag]``.
+4. Orthogonalise P, ``Q = M^T P``. **Collective 2**: one allreduce of all Q of the bucket, / world.
+5. Write ``P Q^T`` (identical on every rank) into the bucket; residual ``M - P Q^T`` and ``Q`` are
+   staged and committed at the end of the step unless some bucket of the step was non-finite.
+
+Two collectives per bucket, each issued by the communication thread in bucket order.
+
+Tuning guide (same knobs as PyTorch's ``PowerSGDState``):
+
+- ``rank``: 1-4 for vision models, larger (8-32) for language models; bytes grow linearly in it.
+- ``warmup_steps``: sync steps of plain allreduce first (PyTorch recommends ~10% of training or
+  at least the LR warm-up; 0 is allowed, state is kept per layer so DDP's bucket rebuild after
+  step 1 does not disturb it).
+- ``min_compression_rate``: raise it to keep more small matrices dense (exact, cheap in bytes).
+- ``warm_start`` and ``error_feedback``: keep both on unless you are measuring their effect.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..comm import CommWorker
+from ..compress.lowrank import effective_rank, matrix_shape, orthogonalize_, should_compress
+from .base import HookState, comm_hook
+from .layout import BucketLayout, LayerSlot
+
+
+@dataclass(frozen=True)
+class _MatrixGroup:
+    """Compressed layers of one bucket that share ``(n, m, rank)``: one ``bmm`` for all of them."""
+
+    n: int
+    m: int
+    rank: int
+    layers: tuple[LayerSlot, ...]
+    p_offset: int  # into the P part of collective 1
+    q_offset: int  # into collective 2
+
+    @property
+    def p_numel(self) -> int:
+        return len(self.layers) * self.n * self.rank
+
+    @property
+    def q_numel(self) -> int:
+        return len(self.layers) * self.m * self.rank
+
+
+@dataclass(frozen=True)
+class _BucketPlan:
+    dense: tuple[LayerSlot, ...]
+    dense_numel: int
+    groups: tuple[_MatrixGroup, ...]
+    p_numel: int
+    q_numel: int
+
+
+class PowerSGDState(HookState):
+    """Hyperparameters and state of the PowerSGD hook (register with :func:`powersgd_hook`).
+
+    Args:
+        process_group: the DDP process group (``None``: default group).
+        rank: rank of the approximation (>= 1), the same for every compressed layer unless
+            ``layer_ranks`` overrides it.
+        warmup_steps: sync steps of plain allreduce before compression starts.
+        min_compression_rate: compress a layer only if ``(n + m) * rank * rate < n * m``.
+        warm_start: reuse last step's Q (better approximation at no extra cost).
+        error_feedback: add each rank's residual back into its next gradient.
+        orthogonalization_epsilon: added to column norms in Gram-Schmidt (zero columns stay zero).
+        seed: seeds the shared random Q; every rank must use the same.
+        layer_ranks: per-layer rank overrides ``{parameter name: rank}`` (the adaptive controller
+            sets these).
+        worker: share a communication thread with another state in the same process.
+
+    Example::
+
+        state = gcomp.PowerSGDState(rank=4, warmup_steps=100)
+        ddp_model.register_comm_hook(state, gcomp.powersgd_hook)
+        state.attach(ddp_model)   # optional: key state by parameter name (robust checkpoints)
+    """
+
+    method = "powersgd"
+    replicated_tensors = ("q",)
+    per_rank_tensors = ("error",)
+
+    def __init__(
+        self,
+        process_group: Optional[dist.ProcessGroup] = None,
+        *,
+        rank: int = 4,
+        warmup_steps: int = 10,
+        min_compression_rate: float = 2.0,
+        warm_start: bool = True,
+        error_feedback: bool = True,
+        orthogonalization_epsilon: float = 0.0,
+        seed: int = 0,
+        layer_ranks: Optional[Mapping[str, int]] = None,
+        worker: Optional[CommWorker] = None,
+    ) -> None:
+        _check_rank("rank", rank)
+        if isinstance(min_compression_rate, bool) or not isinstance(min_compression_rate, (int, float)) or not (
+            math.isfinite(min_compression_rate) and min_compression_rate > 0
+        ):
+            raise ValueError(f"min_compression_rate must be a finite number > 0 (default 2); got {min_compression_rate!r}")
+        if isinstance(orthogonalization_epsilon, bool) or not isinstance(orthogonalization_epsilon, (int, float)) or not (
+            math.isfinite(orthogonalization_epsilon) and orthogonalization_epsilon >= 0
+        ):
+            raise ValueError(f"orthogonalization_epsilon must be a finite number >= 0; got {orthogonalization_epsilon!r}")
+        for name, value in (("warm_start", warm_start), ("error_feedback", error_feedback)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False; got {value!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an integer; got {seed!r}")
+        super().__init__(process_group, warmup_steps=warmup_steps, worker=worker)
+        self.rank = rank
+        self.min_compression_rate = float(min_compression_rate)
+        self.warm_start = warm_start
+        self.error_feedback = error_feedback
+        self.orthogonalization_epsilon = float(orthogonalization_epsilon)
+        self.seed = seed
+        self.layer_ranks: dict[str, int] = {}
+        self._plans: dict[int, _BucketPlan] = {}
+        if layer_ranks:
+            self.set_layer_ranks(layer_ranks)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            **super().config(),
+            "rank": self.rank,
+            "min_compression_rate": self.min_compression_rate,
+            "warm_start": self.warm_start,
+            "error_feedback": self.error_feedback,
+            "orthogonalization_epsilon": self.orthogonalization_epsilon,
+            "seed": self.seed,
+        }
+
+    def set_layer_ranks(self, layer_ranks: Mapping[str, int]) -> None:
+        """Per-layer ranks (applied from the next bucket on; call between steps). A layer whose
+        rank changes keeps the leading columns of its warm-start Q; new columns come from the
+        shared generator, so all ranks stay identical."""
+        for name, rank in layer_ranks.items():
+            _check_rank(f"layer_ranks[{name!r}]", rank)
+        self.layer_ranks = dict(layer_ranks)
+        self._plans.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        out = super().state_dict()
+        out["layer_ranks"] = dict(self.layer_ranks)
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.set_layer_ranks(state.get("layer_ranks", {}))
+
+    # ------------------------------------------------------------------ the codec
+    def _plan(self, layout: BucketLayout) -> _BucketPlan:
+        key = layout.fingerprint()
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        dense: list[LayerSlot] = []
+        grouped: dict[tuple[int, int, int], list[LayerSlot]] = {}
+        for slot in layout.layers:
+            rank = self.layer_ranks.get(slot.name, self.rank)
+            if slot.numel > 0 and should_compress(slot.shape, rank, self.min_compression_rate):
+                n, m = matrix_shape(slot.shape)
+                grouped.setdefault((n, m, effective_rank(n, m, rank)), []).append(slot)
+            else:
+                dense.append(slot)
+        groups = []
+        p_offset = q_offset = 0
+        for (n, m, rank), slots in grouped.items():
+            group = _MatrixGroup(n=n, m=m, rank=rank, layers=tuple(slots), p_offset=p_offset, q_offset=q_offset)
+            groups.append(group)
+            p_offset += group.p_numel
+            q_offset += group.q_numel
+        plan = _BucketPlan(
+            dense=tuple(dense), dense_numel=sum(s.numel for s in dense), groups=tuple(groups), p_numel=p_offset, q_numel=q_offset
+        )
+        self._plans[key] = plan
+        return plan
+
+    def _initial_q(self, layer: str, m: int, rank: int, step: int, dtype: torch.dtype) -> torch.Tensor:
+        """Q for ``layer`` this step: the stored warm-start factor (its leading columns if the rank
+        grew or shrank) completed by columns from the shared generator."""
+        stored = self.layer_state.get(layer, {}).get("q") if self.warm_start else None
+        if stored is not None and (stored.shape[0] != m or stored.dtype != dtype):
+            stored = None
+        kept = 0 if stored is None else min(rank, stored.shape[1])
+        if kept == rank:
+            return stored[:, :rank]
+        seed_step = "warm" if self.warm_start else step
+        fresh = torch.randn(m, rank - kept, generator=self.shared_generator(self.seed, layer, rank, seed_step), dtype=torch.float32)
+        fresh = orthogonalize_(fresh.to(dtype).unsqueeze(0), self.orthogonalization_epsilon)[0]
+        return fresh if kept == 0 else torch.cat([stored[:, :kept], fresh], dim=1)
+
+    def reduce(self, buffer: torch.Tensor, layout: BucketLayout, step: int) -> torch.Tensor:
+        plan = self._plan(layout)
+        world = self.transport.world_size
+        dtype = torch.float64 if buffer.dtype == torch.float64 else torch.float32
+        element = torch.finfo(dtype).bits // 8
+
+        # Collective 1: [dense leftovers | P of every compressed layer | health flag].
+        message = torch.empty(plan.dense_numel + plan.p_numel + 1, dtype=dtype)
+        position = 0
+        for slot in plan.dense:
+            message[position : position + slot.numel].copy_(buffer[slot.offset : slot.offset + slot.numel])
+            position += slot.numel
+        message[-1] = 0.0 if bool(torch.isfinite(buffer).all()) else math.inf
+        p_all = message[plan.dense_numel : plan.dense_numel + plan.p_numel]
+
+        inputs: list[torch.Tensor] = []
+        for group in plan.groups:
+            matrices = torch.empty((len(group.layers), group.n, group.m), dtype=dtype)
+            factors = torch.empty((len(group.layers), group.m, group.rank), dtype=dtype)
+            for index, slot in enumerate(group.layers):
+                matrices[index].copy_(buffer[slot.offset : slot.offset + slot.numel].view(group.n, group.m))
+                if self.error_feedback:
+                    residual = self.layer_tensor(slot.name, "error", (group.n, group.m), dtype)
+                    if residual is not None:
+                        matrices[index].add_(residual)
+                factors[index].copy_(self._initial_q(slot.name, group.m, group.rank, step, dtype))
+            p = p_all[group.p_offset : group.p_offset + group.p_numel].view(len(group.layers), group.n, group.rank)
+            torch.bmm(matrices, factors, out=p)
+            inputs.append(matrices)
+
+        self.transport.allreduce_sum_(message, self.traffic)
+        self._record_traffic(layout, plan, buffer.element_size(), element)
+
+        if not bool(torch.isfinite(message).all()):
+            # Some rank had inf/NaN: every rank sees the same non-finite sum, so every rank skips
+            # the Q exchange, leaves its state untouched and hands GradScaler a non-finite bucket.
+            self.mark_non_finite()
+            self._write_dense(buffer, plan, message, world)
+            for group in plan.groups:
+                for slot in group.layers:
+                    buffer[slot.offset : slot.offset + slot.numel].fill_(math.nan)
+            return buffer
+        self._write_dense(buffer, plan, message, world)
+
+        # Collective 2: Q of every compressed layer.
+        q_all = torch.empty(plan.q_numel, dtype=dtype)
+        for group, matrices in zip(plan.groups, inputs):
+            p = p_all[group.p_offset : group.p_offset + group.p_numel].view(len(group.layers), group.n, group.rank)
+            orthogonalize_(p, self.orthogonalization_epsilon)
+            q = q_all[group.q_offset : group.q_offset + group.q_numel].view(len(group.layers), group.m, group.rank)
+            torch.bmm(matrices.transpose(1, 2), p, out=q)
+        if plan.q_numel:
+            self.transport.allreduce_sum_(q_all, self.traffic)
+            q_all.div_(world)
+
+        for group, matrices in zip(plan.groups, inputs):
+            p = p_all[group.p_offset : group.p_offset + group.p_numel].view(len(group.layers), group.n, group.rank)
+            q = q_all[group.q_offset : group.q_offset + group.q_numel].view(len(group.layers), group.m, group.rank)
+            approximation = torch.bmm(p, q.transpose(1, 2))
+            for index, slot in enumerate(group.layers):
+                buffer[slot.offset : slot.offset + slot.numel].view(group.n, group.m).copy_(approximation[index])
+            if self.error_feedback:
+                matrices.sub_(approximation)  # now the residual: local input - shared approximation
+            self.stage(_Commit(self, group, matrices if self.error_feedback else None, q if self.warm_start else None))
+        return buffer
+
+    def _write_dense(self, buffer: torch.Tensor, plan: _BucketPlan, message: torch.Tensor, world: int) -> None:
+        dense = message[: plan.dense_numel].div_(world)
+        position = 0
+        for slot in plan.dense:
+            buffer[slot.offset : slot.offset + slot.numel].copy_(dense[position : position + slot.numel])
+            position += slot.numel
+
+    def _record_traffic(self, layout: BucketLayout, plan: _BucketPlan, bucket_element: int, element: int) -> None:
+        for slot in plan.dense:
+            self.traffic.record_layer(slot.name, slot.shape, "dense", slot.numel * element, slot.numel * bucket_element)
+        for group in plan.groups:
+            for slot in group.layers:
+                self.traffic.record_layer(
+                    slot.name, slot.shape, f"rank={group.rank}", (group.n + group.m) * group.rank * element, slot.numel * bucket_element
+                )
+
+
+@dataclass
+class _Commit:
+    """End-of-step update of one matrix group's residuals and warm-start factors."""
+
+    state: PowerSGDState
+    group: _MatrixGroup
+    residuals: Optional[torch.Tensor]
+    factors: Optional[torch.Tensor]
+
+    def __call__(self) -> None:
+        for index, slot in enumerate(self.group.layers):
+            if self.residuals is not None:
+                self.state.set_layer_tensor(slot.name, "error", self.residuals[index])
+            if self.factors is not None:
+                self.state.set_layer_tensor(slot.name, "q", self.factors[index])
+
+
+def _check_rank(name: str, rank: Any) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{name} must be an integer >= 1 (the rank of the low-rank approximation); got {rank!r}")
+
+
+# PyTorch-style name for the (state, hook) pair.
+powersgd_hook = comm_hook

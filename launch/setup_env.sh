@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtualenv and build gcomp into it.
+#
+# Idempotent: a second call only rebuilds gcomp's extension. Source it from other scripts:
+#   source launch/setup_env.sh      -> activates .venv with torch, gcomp and the test tools
+# Environment:
+#   GCOMP_VENV        where the virtualenv lives (default: <repo>/.venv)
+#   GCOMP_TORCH_SPEC  the torch requirement (default: torch==2.13.0, the CPU wheel; an open
+#                     range would pull a multi-GB CUDA build)
+#   GCOMP_NO_NATIVE=1 skip the C++ extension (gcomp then runs its pure-torch path)
+set -euo pipefail
+GCOMP_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+GCOMP_VENV="${GCOMP_VENV:-$GCOMP_ROOT/.venv}"
+GCOMP_TORCH_SPEC="${GCOMP_TORCH_SPEC:-torch==2.13.0}"
+
+if [[ ! -x "$GCOMP_VENV/bin/python" ]]; then
+  python3 -m venv "$GCOMP_VENV"
+fi
+# shellcheck disable=SC1091
+source "$GCOMP_VENV/bin/activate"
+if ! python -c "import torch, numpy, pytest, hypothesis, matplotlib" >/dev/null 2>&1; then
+  python -m pip install --quiet "$GCOMP_TORCH_SPEC" numpy pytest hypothesis matplotlib setuptools wheel ninja
+fi
+# --no-build-isolation: build against the torch installed above instead of fetching another one.
+python -m pip install --quiet --no-build-isolation --no-deps -e "$GCOMP_ROOT"
