@@ -1,0 +1,124 @@
+"""A byte-level language model on real text, runnable offline on CPU.
+
+The corpus defaults to the Python standard library's own source files, which every machine with
+Python has; ``--data PATH`` reads any text file (e.g. Tiny Shakespeare) or a directory of them.
+Bytes are the vocabulary (256 symbols), so there is nothing to build or download.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sysconfig
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def default_corpus_path() -> str:
+    """The standard library's source directory: present on every Python installation."""
+    return sysconfig.get_paths()["stdlib"]
+
+
+def load_corpus(path: str | None = None, max_bytes: int = 4_000_000) -> torch.Tensor:
+    """Read up to ``max_bytes`` of text from a file, or from the ``.py`` files under a directory
+    (sorted, so every rank reads the same bytes), as a uint8 tensor."""
+    path = path or default_corpus_path()
+    if os.path.isfile(path):
+        with open(path, "rb") as handle:
+            data = handle.read(max_bytes)
+    elif os.path.isdir(path):
+        chunks, total = [], 0
+        for root, directories, files in os.walk(path):
+            directories.sort()
+            directories[:] = [d for d in directories if d not in ("site-packages", "__pycache__", "test", "tests")]
+            for name in sorted(files):
+                if not name.endswith((".py", ".txt", ".rst")):
+                    continue
+                with open(os.path.join(root, name), "rb") as handle:
+                    chunk = handle.read(max_bytes - total)
+                chunks.append(chunk)
+                total += len(chunk)
+                if total >= max_bytes:
+                    break
+            if total >= max_bytes:
+                break
+        data = b"".join(chunks)
+    else:
+        raise FileNotFoundError(f"no text corpus at {path!r} (give --data a text file or a directory)")
+    if len(data) < 10_000:
+        raise ValueError(f"corpus at {path!r} has only {len(data)} bytes; need at least 10000")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+@dataclass(frozen=True)
+class CharLMConfig:
+    context: int = 128
+    width: int = 256
+    layers: int = 4
+    heads: int = 4
+
+    @classmethod
+    def preset(cls, name: str) -> "CharLMConfig":
+        presets = {
+            "tiny": cls(context=64, width=64, layers=2, heads=2),  # tests: ~0.1 M parameters
+            "small": cls(context=128, width=256, layers=4, heads=4),  # README job: ~3.3 M
+            "medium": cls(context=128, width=384, layers=6, heads=6),  # ~11 M
+        }
+        if name not in presets:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(presets)}")
+        return presets[name]
+
+
+class CharLM(nn.Module):
+    """A small decoder-only transformer over bytes."""
+
+    def __init__(self, config: CharLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(256, config.width)
+        self.position = nn.Parameter(torch.zeros(config.context, config.width))
+        layer = nn.TransformerEncoderLayer(
+            config.width, config.heads, dim_feedforward=4 * config.width, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(config.width)
+        self.head = nn.Linear(config.width, 256)
+        mask = torch.triu(torch.full((config.context, config.context), -math.inf), diagonal=1)
+        self.register_buffer("causal_mask", mask, persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        length = tokens.shape[1]
+        hidden = self.embed(tokens) + self.position[:length]
+        hidden = self.blocks(hidden, mask=self.causal_mask[:length, :length], is_causal=True)
+        return self.head(self.norm(hidden))
+
+
+class Batches:
+    """Random windows of the corpus; each rank draws its own (seeded by seed and rank)."""
+
+    def __init__(self, corpus: torch.Tensor, context: int, batch_size: int, seed: int, rank: int, validation_fraction: float = 0.1) -> None:
+        split = int(len(corpus) * (1 - validation_fraction))
+        self.train, self.validation = corpus[:split].long(), corpus[split:].long()
+        self.context, self.batch_size = context, batch_size
+        self.generator = torch.Generator().manual_seed(seed * 1009 + rank)
+
+    def _window(self, data: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index = starts[:, None] + torch.arange(self.context + 1)[None, :]
+        window = data[index]
+        return window[:, :-1], window[:, 1:]
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(0, len(self.train) - self.context - 1, (self.batch_size,), generator=self.generator)
+        return self._window(self.train, starts)
+
+    def validation_batches(self, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A fixed set of validation windows (the same on every rank and every call)."""
+        span = len(self.validation) - self.context - 1
+        starts = torch.linspace(0, span - 1, count * self.batch_size).long().view(count, self.batch_size)
+        return [self._window(self.validation, row) for row in starts]
+
+
+def language_model_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = model(inputs)
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
