@@ -6,6 +6,7 @@ One line turns it on::
 
 or, PyTorch style, ``ddp_model.register_comm_hook(gcomp.PowerSGDState(rank=4), gcomp.powersgd_hook)``.
 """
+from .adaptive import AdaptiveConfig, AdaptiveController
 from .api import METHODS, register
 from .hooks import (
     AllreduceState,
@@ -13,26 +14,32 @@ from .hooks import (
     FP16State,
     HookState,
     PowerSGDState,
+    TopKState,
     allreduce_hook,
     bf16_hook,
     comm_hook,
     fp16_hook,
     powersgd_hook,
+    topk_hook,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "AdaptiveConfig",
+    "AdaptiveController",
     "AllreduceState",
     "BF16State",
     "FP16State",
     "HookState",
     "PowerSGDState",
+    "TopKState",
     "allreduce_hook",
     "bf16_hook",
     "comm_hook",
     "fp16_hook",
     "powersgd_hook",
     "register",
+    "topk_hook",
 ]

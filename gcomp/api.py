@@ -1,18 +1,20 @@
 """``gcomp.register``: the one-line way to compress a DDP model's gradient traffic."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .hooks import AllreduceState, BF16State, FP16State, HookState, PowerSGDState, comm_hook
+from .adaptive import AdaptiveConfig, AdaptiveController
+from .hooks import AllreduceState, BF16State, FP16State, HookState, PowerSGDState, TopKState, comm_hook
 
 METHODS: dict[str, type[HookState]] = {
     "allreduce": AllreduceState,
     "fp16": FP16State,
     "bf16": BF16State,
     "powersgd": PowerSGDState,
+    "topk": TopKState,
 }
 
 _STATE_ATTRIBUTE = "_gcomp_state"
@@ -23,6 +25,7 @@ def register(
     method: str,
     *,
     process_group: Optional[dist.ProcessGroup] = None,
+    adaptive: Union[bool, AdaptiveConfig] = False,
     **options: Any,
 ) -> HookState:
     """Register gcomp's hook for ``method`` on ``ddp_model`` and return its state.
@@ -31,6 +34,10 @@ def register(
     ``"powersgd"``; see the README's option table). Call before the first backward pass, on every
     rank with the same arguments. Keep the returned state: it has ``stats()``, ``state_dict()`` and
     ``load_state_dict()``.
+
+    ``adaptive=True`` (or an :class:`~gcomp.adaptive.AdaptiveConfig`) attaches the L-GreCo
+    controller to ``"powersgd"`` / ``"topk"``: per-layer ranks / densities re-chosen every
+    ``every_steps`` sync steps (``state.controller.epoch_end()`` to decide at an epoch's end).
     """
     if not isinstance(ddp_model, DistributedDataParallel):
         raise TypeError(f"gcomp.register needs a torch.nn.parallel.DistributedDataParallel model; got {type(ddp_model).__name__}")
@@ -38,7 +45,11 @@ def register(
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     if getattr(ddp_model, _STATE_ATTRIBUTE, None) is not None:
         raise ValueError("a gcomp hook is already registered on this DDP model (DDP allows one comm hook per model)")
+    if not isinstance(adaptive, (bool, AdaptiveConfig)):
+        raise TypeError(f"adaptive must be True, False or a gcomp.AdaptiveConfig; got {type(adaptive).__name__}")
     state = METHODS[method](process_group, **options)
+    if adaptive:
+        AdaptiveController(state, adaptive if isinstance(adaptive, AdaptiveConfig) else AdaptiveConfig())
     state.attach(ddp_model)
     ddp_model.register_comm_hook(state, comm_hook)
     setattr(ddp_model, _STATE_ATTRIBUTE, state)

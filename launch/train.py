@@ -14,6 +14,7 @@ import argparse
 import gc
 import json
 import os
+import signal
 import sys
 import time
 
@@ -32,7 +33,19 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="powersgd", choices=sorted(gcomp.METHODS) + list(TORCH_METHODS))
     parser.add_argument("--rank", type=int, default=4, help="PowerSGD rank")
+    parser.add_argument("--density", type=float, default=0.01, help="top-k: fraction of each layer's entries sent")
+    parser.add_argument("--feedback", default="ef21", help="top-k error feedback: ef14, ef21 or econtrol")
+    parser.add_argument("--eta", type=float, default=0.1, help="EControl feedback strength")
     parser.add_argument("--warmup-steps", type=int, default=20, help="sync steps of plain allreduce before compressing")
+    parser.add_argument("--adaptive", action="store_true", help="L-GreCo: re-choose per-layer rank/density every --adapt-every steps")
+    parser.add_argument("--adapt-every", type=int, default=100, help="sync steps between adaptive decisions")
+    parser.add_argument("--adapt-accumulate", type=int, default=10, help="steps of gradients profiled before each decision")
+    parser.add_argument("--adapt-alpha", type=float, default=1.0, help="error budget relative to the uniform setting")
+    parser.add_argument("--adapt-log", default=None, help="append every adaptive decision to this JSON-lines file")
+    parser.add_argument("--adapt-rank-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("LOW", "HIGH"),
+                        help="PowerSGD candidate ranks: from LOW*rank to HIGH*rank")
+    parser.add_argument("--adapt-density-factors", type=float, nargs="+", default=(0.25, 0.5, 1.0, 2.0, 4.0),
+                        help="top-k candidate densities: these multiples of --density")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per worker per step")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -49,7 +62,19 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-every", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint if it holds a checkpoint")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per worker")
+    parser.add_argument("--fault-kill-at", type=int, default=None, metavar="STEP",
+                        help="fault injection for restart tests: the last rank SIGKILLs itself before this step, "
+                             "on the first attempt only (torchrun's TORCHELASTIC_RESTART_COUNT == 0)")
     return parser.parse_args(argv)
+
+
+def init_distributed() -> None:
+    """Join the gloo process group torchrun describes (env://), under a store prefix per restart
+    attempt: after ``torchrun --max-restarts`` restarts the workers, the store still holds the
+    previous attempt's addresses, and gloo would try to connect to the dead workers' ports."""
+    store, rank, world = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group("gloo", store=dist.PrefixStore(f"gcomp-attempt-{attempt}/", store), rank=rank, world_size=world)
 
 
 def register_method(ddp: DistributedDataParallel, args: argparse.Namespace):
@@ -65,9 +90,20 @@ def register_method(ddp: DistributedDataParallel, args: argparse.Namespace):
     if args.method == "torch-fp16":
         ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
         return None
-    options = {}
+    options: dict = {}
     if args.method == "powersgd":
         options = {"rank": args.rank, "warmup_steps": args.warmup_steps, "seed": args.seed}
+    elif args.method == "topk":
+        options = {"density": args.density, "feedback": args.feedback, "eta": args.eta, "warmup_steps": args.warmup_steps}
+    if args.adaptive:
+        options["adaptive"] = gcomp.AdaptiveConfig(
+            every_steps=args.adapt_every,
+            accumulate_steps=args.adapt_accumulate,
+            alpha=args.adapt_alpha,
+            rank_range=tuple(args.adapt_rank_range),
+            density_factors=tuple(args.adapt_density_factors),
+            log_path=args.adapt_log,
+        )
     return gcomp.register(ddp, args.method, **options)
 
 
@@ -83,7 +119,7 @@ def evaluate(model: torch.nn.Module, batches: Batches, count: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo")
+    init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(args.seed)
 
@@ -93,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus = load_corpus(args.data, args.max_bytes)
     batches = Batches(corpus, config.context, args.batch_size, args.seed, rank)
 
+    parameters = sum(p.numel() for p in model.parameters())
     checkpoint_path = os.path.join(args.checkpoint, f"rank{rank}.pt") if args.checkpoint else None
     saved = None
     if args.resume and checkpoint_path and os.path.exists(checkpoint_path):
@@ -101,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.load_state_dict(saved["optimizer"])
         batches.generator.set_state(saved["data_generator"])
 
-    ddp = DistributedDataParallel(model, bucket_cap_mb=args.bucket_cap_mb)
+    bucket_cap_mb = args.bucket_cap_mb
+    if args.method == "torch-powersgd":
+        # PyTorch's hook deadlocks on gloo once the model spans two buckets: give it one.
+        bucket_cap_mb = max(bucket_cap_mb, 4 * parameters * 4 / 2**20)
+    ddp = DistributedDataParallel(model, bucket_cap_mb=bucket_cap_mb)
     state = register_method(ddp, args)
     start = 0
     if saved is not None:
@@ -123,7 +164,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.save(record, checkpoint_path + ".tmp")
         os.replace(checkpoint_path + ".tmp", checkpoint_path)
 
-    parameters = sum(p.numel() for p in model.parameters())
     if rank == 0:
         print(f"{world} workers, method {args.method}, model {args.model} ({parameters / 1e6:.2f} M parameters), "
               f"corpus {len(corpus) / 1e6:.1f} MB from {args.data}", flush=True)
@@ -131,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     loss_value = float("nan")
     validation = None
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     for step in range(start, args.steps):
+        if args.fault_kill_at == step and first_attempt and rank == world - 1:
+            print(f"rank {rank}: killing itself (SIGKILL) before step {step}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
         x, y = batches.next()
         optimizer.zero_grad()
         loss = language_model_loss(ddp, x, y)

@@ -95,9 +95,40 @@ def _mismatched_configuration(rank: int, world_size: int, first: dict, second: d
     [
         (("powersgd", {"rank": 2}), ("powersgd", {"rank": 4})),
         (("powersgd", {"rank": 2}), ("allreduce", {})),
+        (("topk", {"density": 0.01}), ("topk", {"density": 0.02})),
+        (("topk", {"feedback": "ef21"}), ("topk", {"feedback": "econtrol"})),
     ],
 )
 def test_configuration_mismatch_raises_on_every_rank(first, second):
     messages = run_ranks(_mismatched_configuration, 2, first, second, timeout=90)
     for message in messages:
         assert "ranks disagree on the compression configuration" in message, message
+
+
+class _Renamed(torch.nn.Module):
+    """Same shapes as make_mlp(), other parameter names: DDP's own shape check passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = make_mlp()
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def _different_models(rank: int, world_size: int) -> str:
+    ddp = DistributedDataParallel(make_mlp() if rank == 0 else _Renamed(), bucket_cap_mb=0.004)
+    state = gcomp.register(ddp, "powersgd", rank=2, warmup_steps=0)
+    try:
+        x, y = batch(rank, 0)
+        torch.nn.functional.mse_loss(ddp(x), y).backward()
+    except Exception as error:  # noqa: BLE001 - the message is what the test checks
+        return str(error)
+    finally:
+        state.close()
+    return "no error"
+
+
+def test_different_models_raise_on_every_rank():
+    for message in run_ranks(_different_models, 2, timeout=90):
+        assert "ranks hold different gradient buckets" in message, message

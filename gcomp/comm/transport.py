@@ -1,8 +1,16 @@
-"""Blocking collectives that count their bytes.
+"""Blocking collectives that count their bytes, on a communicator of gcomp's own.
 
 Called only from the communication thread (``worker.py``), so blocking is fine and the order of
 calls is the order of buckets. The module knows nothing about compression: it moves tensors and
 adds what it moved to a :class:`~gcomp.metrics.TrafficStats`.
+
+Why a communicator of its own: DDP issues collectives of its own on the model's process group
+from the autograd thread, e.g. the allreduce of the "which parameters were used" map right after
+the last bucket with ``find_unused_parameters=True``. Those race with the communication thread's
+collectives, and on gloo two ranks issuing them in different orders pair the wrong messages
+("Received data size doesn't match expected size"). gcomp therefore runs its collectives on a
+separate group over the same ranks (created once, the first time a hook runs, on every rank at the
+same point), so the two streams never interleave on one communicator.
 """
 from __future__ import annotations
 
@@ -15,10 +23,26 @@ from ..metrics import TrafficStats
 
 
 class Transport:
-    """Collectives on one process group (``None`` = the default group)."""
+    """Collectives over the ranks of ``process_group`` (``None`` = the default group), on a
+    dedicated group when ``dedicated`` (the default; see the module docstring)."""
 
-    def __init__(self, process_group: Optional[dist.ProcessGroup] = None) -> None:
-        self.process_group = process_group
+    def __init__(self, process_group: Optional[dist.ProcessGroup] = None, dedicated: bool = True) -> None:
+        self.model_group = process_group
+        self.dedicated = dedicated
+        self._group: Optional[dist.ProcessGroup] = None
+
+    def ensure_group(self) -> None:
+        """Create the dedicated group. Must run on every rank at the same point (the first hook
+        call), not on the communication thread."""
+        if self._group is not None or not self.dedicated:
+            return
+        ranks = dist.get_process_group_ranks(self.model_group or dist.group.WORLD)
+        self._group = dist.new_group(ranks=ranks, backend=dist.get_backend(self.model_group))
+
+    @property
+    def process_group(self) -> Optional[dist.ProcessGroup]:
+        """The group collectives run on."""
+        return self._group if self._group is not None else self.model_group
 
     @property
     def world_size(self) -> int:

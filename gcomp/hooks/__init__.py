@@ -2,6 +2,7 @@
 from .base import HookState, comm_hook
 from .baseline import AllreduceState, BF16State, FP16State, allreduce_hook, bf16_hook, fp16_hook
 from .powersgd import PowerSGDState, powersgd_hook
+from .topk import TopKState, topk_hook
 
 __all__ = [
     "AllreduceState",
@@ -9,9 +10,11 @@ __all__ = [
     "FP16State",
     "HookState",
     "PowerSGDState",
+    "TopKState",
     "allreduce_hook",
     "bf16_hook",
     "comm_hook",
     "fp16_hook",
     "powersgd_hook",
+    "topk_hook",
 ]

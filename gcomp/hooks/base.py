@@ -67,6 +67,11 @@ class HookState(ABC):
         self._staged: list[Callable[[], None]] = []
         self._step_finite = True
         self._step_compressed = False
+        # Optional plug-ins, both called on the communication thread: ``observer(name, shape,
+        # tensor)`` sees each layer's input to the compressor (for error profiling), and
+        # ``controller.on_step_end(steps)`` runs after every completed step (adaptive settings).
+        self.observer: Optional[Callable[[str, tuple[int, ...], torch.Tensor], None]] = None
+        self.controller: Optional[Any] = None
 
     # ------------------------------------------------------------------ to implement in subclasses
     def config(self) -> dict[str, Any]:
@@ -112,6 +117,7 @@ class HookState(ABC):
                 name: {key: tensor.detach().clone() for key, tensor in tensors.items()}
                 for name, tensors in self.layer_state.items()
             },
+            "controller": self.controller.state_dict() if self.controller is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -147,6 +153,8 @@ class HookState(ABC):
             name: {key: tensor.clone() for key, tensor in tensors.items() if key in keep}
             for name, tensors in state.get("layers", {}).items()
         }
+        if self.controller is not None and state.get("controller") is not None:
+            self.controller.load_state_dict(state["controller"])
 
     def close(self) -> None:
         """Stop the communication thread (call before ``destroy_process_group``)."""
@@ -192,6 +200,7 @@ class HookState(ABC):
         """What every gcomp hook does: queue this bucket's reduction, return its future."""
         buffer = bucket.buffer()
         check_bucket_buffer(buffer)
+        self.transport.ensure_group()
         layout = self._layout_for(bucket)
         step = self.step
         is_last = bucket.is_last()
@@ -238,6 +247,8 @@ class HookState(ABC):
         self._staged.clear()
         self._step_finite = True
         self._step_compressed = False
+        if self.controller is not None:
+            self.controller.on_step_end(self.traffic.steps)
 
     def _verify_config(self) -> None:
         """Every rank must run the same method with the same hyperparameters."""

@@ -235,6 +235,9 @@ class PowerSGDState(HookState):
             p = p_all[group.p_offset : group.p_offset + group.p_numel].view(len(group.layers), group.n, group.rank)
             torch.bmm(matrices, factors, out=p)
             inputs.append(matrices)
+            if self.observer is not None:
+                for index, slot in enumerate(group.layers):
+                    self.observer(slot.name, slot.shape, matrices[index])
         # Health flag: dense leftovers carry inf/NaN through the sum by themselves; for the
         # compressed layers a sum is finite iff every entry is (sums of finite fp32 gradients
         # do not reach 3e38), and is much cheaper than an elementwise isfinite over the bucket.

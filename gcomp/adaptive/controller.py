@@ -1,0 +1,231 @@
+"""L-GreCo's controller: every N sync steps (or when told, e.g. at each epoch end) re-pick each
+layer's rank / density so that the bytes sent are minimal while the total compression error stays
+within that of the uniform setting.
+
+One decision, on every rank alike:
+
+1. During the last ``accumulate_steps`` sync steps before a decision the hook shows the
+   controller each compressed layer's input to the compressor (error-feedback corrected); the
+   controller sums them per layer.
+2. Each rank computes the error of every candidate on its sums; **one allreduce averages the error
+   table**, so every rank solves the same problem (the reference code used rank 0's gradient alone).
+3. :func:`gcomp.adaptive.solver.solve`: fewest bytes with ``total error <= alpha * uniform error``,
+   uniform as the fallback.
+4. The choice is applied to the hook state between two steps (PowerSGD keeps the leading columns
+   of its warm-start factors; error buffers are kept) and logged with its predicted and, at the
+   next decision, measured bytes.
+
+The decision runs on the communication thread right after a step's last bucket, so its
+collectives are ordered with the buckets' on every rank.
+"""
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..hooks.base import HookState
+from .families import Family, family_for
+from .solver import solve
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    """Settings of the adaptive controller.
+
+    Tuning guide: ``alpha`` 1.0 keeps the uniform setting's total error (the paper's default);
+    below 1 trades bytes for accuracy, above 1 the opposite. Decide about once per epoch
+    (``every_steps`` = steps per epoch) or at least every few hundred steps: each decision costs a
+    few SVDs / sorts per layer. The candidate range (``rank_range`` for PowerSGD, ``density_factors``
+    for top-k) bounds how far a layer can move from the uniform setting in one decision.
+    """
+
+    every_steps: Optional[int] = 100  # None: only on decide_now() / epoch_end()
+    accumulate_steps: int = 10
+    alpha: float = 1.0
+    rank_range: tuple[float, float] = (0.5, 2.0)
+    density_factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+    resolution: int = 10_000
+    log_path: Optional[str] = None  # JSON lines, written by rank 0
+
+    def __post_init__(self) -> None:
+        if self.every_steps is not None and (isinstance(self.every_steps, bool) or not isinstance(self.every_steps, int) or self.every_steps < 1):
+            raise ValueError(f"every_steps must be an integer >= 1 or None; got {self.every_steps!r}")
+        if isinstance(self.accumulate_steps, bool) or not isinstance(self.accumulate_steps, int) or self.accumulate_steps < 1:
+            raise ValueError(f"accumulate_steps must be an integer >= 1; got {self.accumulate_steps!r}")
+        if self.every_steps is not None and self.accumulate_steps > self.every_steps:
+            raise ValueError(f"accumulate_steps ({self.accumulate_steps}) cannot exceed every_steps ({self.every_steps})")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be a finite number > 0; got {self.alpha!r}")
+        if len(self.rank_range) != 2:
+            raise ValueError(f"rank_range must be (low, high); got {self.rank_range!r}")
+        if not self.density_factors:
+            raise ValueError("density_factors must not be empty (the candidate set would be empty)")
+        if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or self.resolution < 1:
+            raise ValueError(f"resolution must be an integer >= 1; got {self.resolution!r}")
+
+
+class AdaptiveController:
+    """Attach to a PowerSGD or top-k hook state: ``AdaptiveController(state, AdaptiveConfig(...))``."""
+
+    def __init__(self, state: HookState, config: AdaptiveConfig = AdaptiveConfig()) -> None:
+        options = {"low": config.rank_range[0], "high": config.rank_range[1]} if state.method == "powersgd" else {"factors": config.density_factors}
+        self.family: Family = family_for(state, **options)
+        if state.controller is not None:
+            raise ValueError("this hook state already has an adaptive controller")
+        self.state = state
+        self.config = config
+        self.decisions = 0
+        self.last_decision_step = 0
+        self.accumulated: dict[str, torch.Tensor] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.observed_steps = 0
+        self.history: list[dict[str, Any]] = []
+        self._bytes_at_last_decision = 0
+        self._steps_at_last_decision = 0
+        state.controller = self
+        self._update_observer(state.traffic.steps)
+
+    # ------------------------------------------------------------------ schedule
+    def _next_decision(self) -> Optional[int]:
+        if self.config.every_steps is None:
+            return None
+        return self.last_decision_step + self.config.every_steps
+
+    def _update_observer(self, completed_steps: int) -> None:
+        """Observe the coming step if it falls in the accumulation window (always, when decisions
+        are only made on request)."""
+        next_decision = self._next_decision()
+        observing = next_decision is None or completed_steps >= next_decision - self.config.accumulate_steps
+        self.state.observer = self._observe if observing else None
+
+    def on_step_end(self, completed_steps: int) -> None:
+        """Called by the hook state on the communication thread after each step."""
+        if self.state.observer is not None:
+            self.observed_steps += 1
+        next_decision = self._next_decision()
+        if next_decision is not None and completed_steps >= next_decision:
+            self._decide(completed_steps)
+        self._update_observer(completed_steps)
+
+    def decide_now(self) -> dict[str, Any]:
+        """Decide between two steps (e.g. at the end of an epoch). Call on every rank."""
+        record: dict[str, Any] = {}
+
+        def job() -> torch.Tensor:
+            record.update(self._decide(self.state.traffic.steps))
+            self._update_observer(self.state.traffic.steps)
+            return torch.tensor(0.0)
+
+        self.state.worker.run_now(job)  # after every queued bucket, on the communication thread
+        return record
+
+    epoch_end = decide_now
+
+    def _observe(self, name: str, shape: tuple[int, ...], tensor: torch.Tensor) -> None:
+        if name in self.accumulated:
+            self.accumulated[name].add_(tensor.reshape(-1))
+        else:
+            self.accumulated[name] = tensor.reshape(-1).to(torch.float64, copy=True)
+            self.shapes[name] = tuple(shape)
+
+    # ------------------------------------------------------------------ decision
+    def _decide(self, completed_steps: int) -> dict[str, Any]:
+        names = sorted(self.accumulated)
+        candidates = [self.family.candidates(self.shapes[name]) for name in names]
+        self._check_same_problem(names, candidates)
+        local = [self.family.errors(self.accumulated[name], self.shapes[name], options) for name, options in zip(names, candidates)]
+        flat = torch.tensor([error for row in local for error in row], dtype=torch.float64)
+        if flat.numel():
+            self.state.transport.allreduce_sum_(flat, traffic=None)
+            flat.div_(self.state.transport.world_size)
+        errors, position = [], 0
+        for options in candidates:
+            errors.append(flat[position : position + len(options)].tolist())
+            position += len(options)
+        sizes = [[self.family.size(self.shapes[name], option) for option in options] for name, options in zip(names, candidates)]
+        uniform = [options.index(_closest(options, self._uniform_for(name))) for name, options in zip(names, candidates)]
+        budget = self.config.alpha * sum(errors[layer][choice] for layer, choice in enumerate(uniform)) if names else 0.0
+        solution = solve(sizes, errors, budget, uniform, resolution=self.config.resolution)
+        choices = {name: options[choice] for name, options, choice in zip(names, candidates, solution.choices)}
+        measured = self._measured_bytes_per_step(completed_steps)
+        if choices:
+            self.family.apply(choices)
+        record = {
+            "decision": self.decisions,
+            "step": completed_steps,
+            "setting": self.family.setting,
+            "choices": choices,
+            "uniform": self.family.uniform(),
+            "predicted_bytes": solution.total_bytes,
+            "uniform_bytes": float(sum(sizes[layer][choice] for layer, choice in enumerate(uniform))),
+            "predicted_error": solution.total_error,
+            "error_budget": budget,
+            "used_fallback": solution.used_fallback,
+            "measured_bytes_per_step_since_last": measured,
+            "observed_steps": self.observed_steps,
+        }
+        self.decisions += 1
+        self.last_decision_step = completed_steps
+        self.accumulated.clear()
+        self.observed_steps = 0
+        self.history.append(record)
+        self._log(record)
+        return record
+
+    def _uniform_for(self, name: str) -> float:
+        return self.family.uniform()
+
+    def _measured_bytes_per_step(self, completed_steps: int) -> Optional[float]:
+        steps = completed_steps - self._steps_at_last_decision
+        sent = self.state.traffic.bytes_sent - self._bytes_at_last_decision
+        self._steps_at_last_decision, self._bytes_at_last_decision = completed_steps, self.state.traffic.bytes_sent
+        return sent / steps if steps > 0 else None
+
+    def _check_same_problem(self, names: list[str], candidates: list[list[float]]) -> None:
+        """Every rank must solve a table of the same layers and candidates (else the error table
+        allreduce would mix layers): compared with one 8-byte allgather per decision."""
+        text = ";".join(f"{name}:{options}" for name, options in zip(names, candidates))
+        mine = torch.tensor([zlib.crc32(text.encode("utf-8"))], dtype=torch.int64)
+        everyone = self.state.transport.allgather(mine, traffic=None)
+        if not bool((everyone == everyone[0]).all()):
+            raise ValueError(f"gcomp adaptive: ranks profiled different layers or candidates (checksums {everyone.flatten().tolist()})")
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.config.log_path is None or self.state.transport.rank != 0:
+            return
+        with open(self.config.log_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"method": self.state.method, **record}) + "\n")
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": {**asdict(self.config), "rank_range": list(self.config.rank_range), "density_factors": list(self.config.density_factors)},
+            "decisions": self.decisions,
+            "last_decision_step": self.last_decision_step,
+            "observed_steps": self.observed_steps,
+            "accumulated": {name: tensor.clone() for name, tensor in self.accumulated.items()},
+            "shapes": {name: list(shape) for name, shape in self.shapes.items()},
+            "bytes_at_last_decision": self._bytes_at_last_decision,
+            "steps_at_last_decision": self._steps_at_last_decision,
+            "history": json.loads(json.dumps(self.history)),
+        }
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.decisions = int(saved["decisions"])
+        self.last_decision_step = int(saved["last_decision_step"])
+        self.observed_steps = int(saved["observed_steps"])
+        self.accumulated = {name: tensor.clone() for name, tensor in saved["accumulated"].items()}
+        self.shapes = {name: tuple(shape) for name, shape in saved["shapes"].items()}
+        self._bytes_at_last_decision = int(saved["bytes_at_last_decision"])
+        self._steps_at_last_decision = int(saved["steps_at_last_decision"])
+        self.history = list(saved["history"])
+        self._update_observer(self.state.traffic.steps)
+
+
+def _closest(options: list[float], value: float) -> float:
+    return min(options, key=lambda option: (abs(option - value), option))

@@ -1,0 +1,133 @@
+"""What each compression family offers the controller: per-layer candidates, their bytes, their
+errors on a measured tensor, and how to apply a choice to the hook state.
+
+- :class:`RankFamily` (PowerSGD): candidate ranks around the uniform rank; error of the best
+  rank-r approximation, ``sqrt(sum_{k>r} sigma_k^2)`` from one ``svdvals`` (Eckart-Young: a
+  lower bound PowerSGD with warm start approaches); bytes ``(n + m) * r * element``.
+- :class:`DensityFamily` (top-k): candidate densities on a geometric grid around the uniform
+  density; exact error ``||x - topk_k(x)||`` for every k from one sort and a cumulative sum;
+  bytes = the packed message the hook would send for that k.
+
+Candidates are limited to settings under which the hook still compresses the layer (its
+``min_compression_rate`` rule), so a decision never moves a layer between the compressed and the
+dense path.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Protocol, Sequence
+
+import torch
+
+from ..compress.lowrank import effective_rank, matrix_shape, should_compress
+from ..compress.sparse import sparse_message_layout
+from ..hooks.powersgd import PowerSGDState
+from ..hooks.topk import TopKState
+
+
+class Family(Protocol):
+    setting: str  # "rank" or "density": the name used in logs
+
+    def uniform(self) -> float: ...
+
+    def candidates(self, shape: tuple[int, ...]) -> list[float]: ...
+
+    def size(self, shape: tuple[int, ...], setting: float) -> float: ...
+
+    def errors(self, tensor: torch.Tensor, shape: tuple[int, ...], settings: Sequence[float]) -> list[float]: ...
+
+    def current(self, name: str) -> float: ...
+
+    def apply(self, choices: Mapping[str, float]) -> None: ...
+
+
+class RankFamily:
+    """PowerSGD ranks in ``[floor(low * r0), ceil(high * r0)]``."""
+
+    setting = "rank"
+
+    def __init__(self, state: PowerSGDState, low: float = 0.5, high: float = 2.0) -> None:
+        if not (0 < low <= 1 <= high):
+            raise ValueError(f"candidate range must satisfy 0 < low <= 1 <= high; got low={low}, high={high}")
+        self.state, self.low, self.high = state, low, high
+
+    def uniform(self) -> float:
+        return self.state.rank
+
+    def candidates(self, shape: tuple[int, ...]) -> list[float]:
+        n, m = matrix_shape(shape)
+        r0 = self.state.rank
+        ranks = set(range(max(1, math.floor(self.low * r0)), math.ceil(self.high * r0) + 1))
+        usable = {effective_rank(n, m, r) for r in ranks if should_compress(shape, r, self.state.min_compression_rate)}
+        usable.add(effective_rank(n, m, r0))
+        return sorted(usable)
+
+    def size(self, shape: tuple[int, ...], setting: float) -> float:
+        n, m = matrix_shape(shape)
+        return float((n + m) * int(setting) * 4)
+
+    def errors(self, tensor: torch.Tensor, shape: tuple[int, ...], settings: Sequence[float]) -> list[float]:
+        n, m = matrix_shape(shape)
+        singular = torch.linalg.svdvals(tensor.reshape(n, m).double())
+        squares = singular.pow(2)
+        # tail[r] = sum of squares beyond the first r singular values
+        tail = torch.cat([squares.flip(0).cumsum(0).flip(0), squares.new_zeros(1)])
+        return [float(tail[min(int(r), len(singular))].sqrt()) for r in settings]
+
+    def current(self, name: str) -> float:
+        return self.state.layer_ranks.get(name, self.state.rank)
+
+    def apply(self, choices: Mapping[str, float]) -> None:
+        self.state.set_layer_ranks({name: int(rank) for name, rank in choices.items()})
+
+
+class DensityFamily:
+    """Top-k densities ``d0 * f`` for ``f`` in ``factors`` (capped at 1)."""
+
+    setting = "density"
+
+    def __init__(self, state: TopKState, factors: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0)) -> None:
+        if not factors or any(f <= 0 for f in factors):
+            raise ValueError(f"density factors must be a non-empty list of positive numbers; got {factors}")
+        self.state, self.factors = state, tuple(sorted(set(factors) | {1.0}))
+
+    def uniform(self) -> float:
+        return self.state.density
+
+    def _k(self, shape: tuple[int, ...], density: float) -> int:
+        numel = math.prod(shape)
+        return min(numel, max(1, round(density * numel)))
+
+    def candidates(self, shape: tuple[int, ...]) -> list[float]:
+        numel = math.prod(shape)
+        out = []
+        for factor in self.factors:
+            density = min(1.0, self.state.density * factor)
+            sparse_bytes = self.size(shape, density)
+            if factor == 1.0 or sparse_bytes * self.state.min_compression_rate < numel * 4:
+                out.append(density)
+        return sorted(set(out))
+
+    def size(self, shape: tuple[int, ...], setting: float) -> float:
+        return float(sparse_message_layout([math.prod(shape)], [self._k(shape, setting)], self.state.value_dtype).message_bytes)
+
+    def errors(self, tensor: torch.Tensor, shape: tuple[int, ...], settings: Sequence[float]) -> list[float]:
+        squares = tensor.reshape(-1).double().pow(2).sort().values  # ascending
+        prefix = torch.cat([squares.new_zeros(1), squares.cumsum(0)])  # prefix[j] = sum of j smallest
+        numel = squares.numel()
+        return [float(prefix[numel - self._k(shape, density)].sqrt()) for density in settings]
+
+    def current(self, name: str) -> float:
+        return self.state.layer_densities.get(name, self.state.density)
+
+    def apply(self, choices: Mapping[str, float]) -> None:
+        self.state.set_layer_densities(dict(choices))
+
+
+def family_for(state: object, **options: object) -> Family:
+    """The family matching a hook state (PowerSGD ranks or top-k densities)."""
+    if isinstance(state, PowerSGDState):
+        return RankFamily(state, **options)  # type: ignore[arg-type]
+    if isinstance(state, TopKState):
+        return DensityFamily(state, **options)  # type: ignore[arg-type]
+    raise TypeError(f"adaptive compression supports PowerSGD and top-k states; got {type(state).__name__}")

@@ -1,0 +1,210 @@
+"""Error-feedback rules for biased compressors (top-k): EF14, EF21 and EControl.
+
+A rule is the state machine of *one layer on one rank*. It knows nothing about buckets, messages
+or process groups; the hook hands it flat tensors and does the communication:
+
+1. ``message_input(gradient, stored)``: the vector this rank compresses and sends;
+2. the hook compresses it, exchanges messages and decodes them into ``own`` (this rank's message,
+   decoded locally) and ``mean`` (the average of every rank's decoded message, summed in rank
+   order, so bitwise identical on every rank);
+3. ``update(stored, exchange)``: the new stored tensors and the averaged gradient to apply.
+
+Why ``own`` is the *decoded* message and not ``C(x)`` computed in full precision: with float16 or
+bfloat16 values on the wire, the receivers see rounded values. Using the same rounded values for
+the sender's own state keeps the replicated estimate equal to the mean of the local estimates,
+and makes the residual of EF14/EControl include the rounding error (so it is fed back too).
+
+Stored tensors, by name (flat, same dtype as the gradient):
+
+- ``"error"``: per rank, what was not sent yet (EF14's ``e``, EControl's ``e_i``);
+- ``"local_estimate"``: per rank, this rank's running gradient estimate (EF21's ``g_i``,
+  EControl's ``h_i``);
+- ``"estimate"``: replicated, the mean of the local estimates (EF21's ``g``, EControl's ``h``);
+  it is the gradient the optimizer sees and must be bitwise identical on every rank.
+
+Rules never modify their arguments in place and never keep references to them: the hook commits
+the returned tensors only if the whole step turns out finite.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Mapping
+
+import torch
+
+ERROR = "error"
+LOCAL_ESTIMATE = "local_estimate"
+ESTIMATE = "estimate"
+
+Stored = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """What one compressed step of one layer produced, as seen by this rank."""
+
+    gradient: torch.Tensor  # this rank's gradient of the layer
+    sent: torch.Tensor  # the vector this rank compressed (``message_input``'s result)
+    own: torch.Tensor  # this rank's compressed message, decoded: C(sent)
+    mean: torch.Tensor  # (1 / world) * sum over ranks of their decoded messages
+
+
+@dataclass(frozen=True)
+class FeedbackUpdate:
+    """A rule's answer for one step: tensors to store (replacing the old ones) and the output."""
+
+    stored: dict[str, torch.Tensor]
+    output: torch.Tensor
+
+
+class FeedbackRule(ABC):
+    """One error-feedback algorithm. Subclasses are small frozen dataclasses (their fields are
+    hyperparameters; all state lives in the ``stored`` mappings the hook keeps per layer)."""
+
+    name: ClassVar[str]
+    per_rank_tensors: ClassVar[tuple[str, ...]]
+    replicated_tensors: ClassVar[tuple[str, ...]]
+    # Estimator rules start from an exact, uncompressed average (ALGORITHMS.md §2.6): starting
+    # from a zero estimate would make the first steps crawl towards the true gradient.
+    needs_dense_init: ClassVar[bool] = False
+
+    def is_initialised(self, stored: Stored) -> bool:
+        """True when the layer can take a compressed step (else the hook runs :meth:`dense_init`)."""
+        if not self.needs_dense_init:
+            return True
+        return all(key in stored for key in self.per_rank_tensors + self.replicated_tensors)
+
+    def dense_init(self, gradient: torch.Tensor, mean_gradient: torch.Tensor) -> dict[str, torch.Tensor]:
+        """State after a step in which the layer's gradient was averaged uncompressed (the
+        output of that step is ``mean_gradient``). Only called when ``needs_dense_init``."""
+        raise NotImplementedError(f"feedback rule {self.name!r} has no dense initialisation")
+
+    def uncompressed_input(self, gradient: torch.Tensor, stored: Stored) -> torch.Tensor:
+        """What this rank contributes when the layer is averaged uncompressed (too small to be
+        worth compressing at its density). The hook forgets the layer's state afterwards."""
+        return gradient
+
+    @abstractmethod
+    def message_input(self, gradient: torch.Tensor, stored: Stored) -> torch.Tensor:
+        """The vector this rank compresses and sends this step."""
+
+    @abstractmethod
+    def update(self, stored: Stored, exchange: Exchange) -> FeedbackUpdate:
+        """New stored tensors and the averaged gradient, once the messages are exchanged."""
+
+
+@dataclass(frozen=True)
+class EF14(FeedbackRule):
+    """Classic error feedback (Seide et al. 2014; Stich et al. 2018).
+
+    ``v = g + e``; send ``C(v)``; ``e <- v - C(v)``; output ``mean_i C(v_i)``. The residual starts at
+    zero, so no dense initialisation is needed.
+    """
+
+    name: ClassVar[str] = "ef14"
+    per_rank_tensors: ClassVar[tuple[str, ...]] = (ERROR,)
+    replicated_tensors: ClassVar[tuple[str, ...]] = ()
+
+    def uncompressed_input(self, gradient: torch.Tensor, stored: Stored) -> torch.Tensor:
+        # Sending v = g + e uncompressed leaves a zero residual: nothing that was held back is lost.
+        return self.message_input(gradient, stored)
+
+    def message_input(self, gradient: torch.Tensor, stored: Stored) -> torch.Tensor:
+        error = stored.get(ERROR)
+        return gradient if error is None else gradient + error
+
+    def update(self, stored: Stored, exchange: Exchange) -> FeedbackUpdate:
+        return FeedbackUpdate(stored={ERROR: exchange.sent - exchange.own}, output=exchange.mean)
+
+
+@dataclass(frozen=True)
+class EF21(FeedbackRule):
+    """EF21 (Richtárik, Sokolov, Fatkhullin, NeurIPS 2021): compress the *change* of the gradient.
+
+    Send ``c_i = C(g_i' - g_i)``; ``g_i <- g_i + c_i``; ``g <- g + mean_i c_i``; output ``g``. The
+    replicated ``g`` is updated incrementally (not recomputed), so it stays identical on every rank.
+    """
+
+    name: ClassVar[str] = "ef21"
+    per_rank_tensors: ClassVar[tuple[str, ...]] = (LOCAL_ESTIMATE,)
+    replicated_tensors: ClassVar[tuple[str, ...]] = (ESTIMATE,)
+    needs_dense_init: ClassVar[bool] = True
+
+    def dense_init(self, gradient: torch.Tensor, mean_gradient: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {LOCAL_ESTIMATE: gradient.clone(), ESTIMATE: mean_gradient.clone()}
+
+    def message_input(self, gradient: torch.Tensor, stored: Stored) -> torch.Tensor:
+        return gradient - stored[LOCAL_ESTIMATE]
+
+    def update(self, stored: Stored, exchange: Exchange) -> FeedbackUpdate:
+        estimate = stored[ESTIMATE] + exchange.mean
+        return FeedbackUpdate(
+            stored={LOCAL_ESTIMATE: stored[LOCAL_ESTIMATE] + exchange.own, ESTIMATE: estimate},
+            output=estimate,
+        )
+
+
+@dataclass(frozen=True)
+class EControl(FeedbackRule):
+    """EControl (Gao, Islamov, Stich, ICLR 2024): EF21's estimator plus a damped error feedback.
+
+    ``D_i = C(eta * e_i + g_i - h_i)``; ``e_i <- e_i + g_i - h_i - D_i``; ``h_i <- h_i + D_i``;
+    ``h <- h + mean_i D_i``; output ``h``. The residual accumulates in full but is fed back with
+    strength ``eta``; with ``eta = 0`` the message and estimates are exactly EF21's.
+    """
+
+    name: ClassVar[str] = "econtrol"
+    per_rank_tensors: ClassVar[tuple[str, ...]] = (ERROR, LOCAL_ESTIMATE)
+    replicated_tensors: ClassVar[tuple[str, ...]] = (ESTIMATE,)
+    needs_dense_init: ClassVar[bool] = True
+
+    eta: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_eta(self.eta)
+
+    def dense_init(self, gradient: torch.Tensor, mean_gradient: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {ERROR: torch.zeros_like(gradient), LOCAL_ESTIMATE: gradient.clone(), ESTIMATE: mean_gradient.clone()}
+
+    def message_input(self, gradient: torch.Tensor, stored: Stored) -> torch.Tensor:
+        message = gradient - stored[LOCAL_ESTIMATE]
+        if self.eta != 0.0:  # eta = 0 sends EF21's message bit for bit
+            message.add_(stored[ERROR], alpha=self.eta)
+        return message
+
+    def update(self, stored: Stored, exchange: Exchange) -> FeedbackUpdate:
+        innovation = exchange.gradient - stored[LOCAL_ESTIMATE]
+        estimate = stored[ESTIMATE] + exchange.mean
+        return FeedbackUpdate(
+            stored={
+                ERROR: stored[ERROR] + innovation - exchange.own,
+                LOCAL_ESTIMATE: stored[LOCAL_ESTIMATE] + exchange.own,
+                ESTIMATE: estimate,
+            },
+            output=estimate,
+        )
+
+
+FEEDBACK_NAMES: tuple[str, ...] = (EF14.name, EF21.name, EControl.name)
+
+
+def check_eta(eta: object) -> None:
+    """EControl's feedback strength must be a finite number >= 0."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0 (EControl's feedback strength, default 0.1); got {eta!r}")
+
+
+def make_feedback_rule(name: str, *, eta: float = 0.1) -> FeedbackRule:
+    """The rule called ``name`` (one of :data:`FEEDBACK_NAMES`); ``eta`` is used by EControl only."""
+    if not isinstance(name, str):
+        raise TypeError(f"feedback must be a string, one of {list(FEEDBACK_NAMES)}; got {name!r}")
+    check_eta(eta)
+    if name == EF14.name:
+        return EF14()
+    if name == EF21.name:
+        return EF21()
+    if name == EControl.name:
+        return EControl(eta=float(eta))
+    raise ValueError(f"unknown feedback {name!r}; choose one of {list(FEEDBACK_NAMES)}")

@@ -1,0 +1,140 @@
+"""Error-feedback rules on their own: several simulated workers in one process, no process group.
+
+The "network" here is the real top-k codec (``gcomp.ops``): each worker packs its message, every
+worker decodes all messages in worker order, exactly as the hook does after its allgather.
+"""
+import pytest
+import torch
+
+from gcomp import ops
+from gcomp.feedback import ERROR, ESTIMATE, LOCAL_ESTIMATE, EControl, Exchange, make_feedback_rule
+
+NUMEL = 200
+WORKERS = 3
+
+
+def _gradients(step: int) -> list[torch.Tensor]:
+    """Heterogeneous per-worker gradients that drift slowly from step to step."""
+    generator = torch.Generator().manual_seed(step)
+    shared = torch.randn(NUMEL, generator=torch.Generator().manual_seed(99))
+    return [shared + (worker + 1) * torch.randn(NUMEL, generator=generator) for worker in range(WORKERS)]
+
+
+def _simulate(rule, steps: int, k: int, value_dtype=torch.float32) -> dict:
+    """Run ``rule`` on WORKERS simulated workers; return per-step outputs and per-step states."""
+    stored = [dict() for _ in range(WORKERS)]
+    outputs, states = [], []
+    for step in range(steps):
+        gradients = _gradients(step)
+        if not rule.is_initialised(stored[0]):
+            mean_gradient = torch.stack(gradients).sum(0) / WORKERS
+            stored = [rule.dense_init(g, mean_gradient) for g in gradients]
+            outputs.append([mean_gradient] * WORKERS)
+            states.append(stored)
+            continue
+        sent = [rule.message_input(g, s) for g, s in zip(gradients, stored)]
+        messages = torch.stack([ops.topk_pack(v, [0], [NUMEL], [k], value_dtype) for v in sent])
+        step_outputs, new_stored = [], []
+        for worker in range(WORKERS):
+            own = torch.zeros(NUMEL)
+            ops.sparse_unpack_add_(own, messages[worker], [0], [NUMEL], [k], value_dtype)
+            mean = torch.zeros(NUMEL)
+            ops.sparse_unpack_add_(mean, messages, [0], [NUMEL], [k], value_dtype, 1.0 / WORKERS)
+            update = rule.update(stored[worker], Exchange(gradients[worker], sent[worker], own, mean))
+            step_outputs.append(update.output)
+            new_stored.append(update.stored)
+        stored = new_stored
+        outputs.append(step_outputs)
+        states.append(stored)
+    return {"outputs": outputs, "states": states}
+
+
+@pytest.mark.parametrize("name", ["ef14", "ef21", "econtrol"])
+def test_full_density_gives_the_mean(name):
+    result = _simulate(make_feedback_rule(name, eta=0.1), steps=6, k=NUMEL)
+    for step, outputs in enumerate(result["outputs"]):
+        expected = torch.stack(_gradients(step)).mean(0)
+        for output in outputs:
+            assert torch.allclose(output, expected, rtol=1e-5, atol=1e-5), (name, step)
+
+
+def test_ef14_residual_is_what_was_not_sent():
+    """``g + e_old == C(g + e_old) + e_new`` on every worker, for rounded (fp16) values too."""
+    rule = make_feedback_rule("ef14")
+    for value_dtype in (torch.float32, torch.float16):
+        stored = {}
+        for step in range(8):
+            gradient = _gradients(step)[0]
+            sent = rule.message_input(gradient, stored)
+            message = ops.topk_pack(sent, [0], [NUMEL], [10], value_dtype)
+            own = torch.zeros(NUMEL)
+            ops.sparse_unpack_add_(own, message, [0], [NUMEL], [10], value_dtype)
+            update = rule.update(stored, Exchange(gradient, sent, own, own))
+            assert torch.allclose(own + update.stored[ERROR], gradient + stored.get(ERROR, 0.0), atol=1e-6)
+            stored = update.stored
+        assert float(stored[ERROR].norm()) > 0
+
+
+@pytest.mark.parametrize("name", ["ef21", "econtrol"])
+def test_replicated_estimate_tracks_local_estimates(name):
+    """The replicated estimate stays the mean of the local estimates and is the same on every worker."""
+    result = _simulate(make_feedback_rule(name, eta=0.05), steps=20, k=20, value_dtype=torch.bfloat16)
+    for states in result["states"]:
+        for state in states[1:]:
+            assert torch.equal(state[ESTIMATE], states[0][ESTIMATE])
+        local_mean = torch.stack([state[LOCAL_ESTIMATE] for state in states]).mean(0)
+        assert torch.allclose(states[0][ESTIMATE], local_mean, atol=1e-5)
+
+
+def test_econtrol_with_zero_eta_is_ef21_bit_for_bit():
+    ef21 = _simulate(make_feedback_rule("ef21"), steps=12, k=15)
+    econtrol = _simulate(EControl(eta=0.0), steps=12, k=15)
+    for step_ef21, step_econtrol in zip(ef21["outputs"], econtrol["outputs"]):
+        for a, b in zip(step_ef21, step_econtrol):
+            assert torch.equal(a, b)
+
+
+def test_econtrol_error_accumulates_what_the_estimate_missed():
+    """``e_new = e_old + (g - h_old) - D`` and ``h_new = h_old + D`` on one worker."""
+    rule = EControl(eta=0.5)
+    gradient = _gradients(0)[0]
+    stored = rule.dense_init(gradient, gradient)
+    stored = {**stored, ERROR: torch.full((NUMEL,), 0.25)}
+    new_gradient = _gradients(1)[0]
+    sent = rule.message_input(new_gradient, stored)
+    assert torch.allclose(sent, new_gradient - stored[LOCAL_ESTIMATE] + 0.5 * stored[ERROR])
+    own = torch.where(sent.abs() > sent.abs().median(), sent, torch.zeros_like(sent))
+    update = rule.update(stored, Exchange(new_gradient, sent, own, own))
+    assert torch.allclose(update.stored[ERROR], stored[ERROR] + new_gradient - stored[LOCAL_ESTIMATE] - own)
+    assert torch.equal(update.stored[LOCAL_ESTIMATE], stored[LOCAL_ESTIMATE] + own)
+    assert torch.equal(update.output, stored[ESTIMATE] + own)
+
+
+def test_rules_do_not_modify_their_inputs():
+    for name in ("ef14", "ef21", "econtrol"):
+        rule = make_feedback_rule(name, eta=0.3)
+        gradient = _gradients(0)[0]
+        stored = rule.dense_init(gradient, gradient * 0.5) if rule.needs_dense_init else {ERROR: torch.ones(NUMEL)}
+        snapshot = {key: tensor.clone() for key, tensor in stored.items()}
+        gradient_before = gradient.clone()
+        sent = rule.message_input(gradient, stored)
+        own = sent * 0.5
+        rule.update(stored, Exchange(gradient, sent, own, own))
+        assert torch.equal(gradient, gradient_before)
+        for key, tensor in stored.items():
+            assert torch.equal(tensor, snapshot[key]), (name, key)
+
+
+@pytest.mark.parametrize(
+    "name, eta, error, word",
+    [
+        ("ef22", 0.1, ValueError, "feedback"),
+        (None, 0.1, TypeError, "feedback"),
+        ("econtrol", -0.1, ValueError, "eta"),
+        ("econtrol", float("nan"), ValueError, "eta"),
+        ("econtrol", True, ValueError, "eta"),
+    ],
+)
+def test_bad_rule_arguments(name, eta, error, word):
+    with pytest.raises(error, match=word):
+        make_feedback_rule(name, eta=eta)
