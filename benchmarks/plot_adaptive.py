@@ -55,8 +55,8 @@ def plot_bytes(records: list[dict], title: str, path: str) -> None:
     if measured:
         axis.plot([s for s, _ in measured], [b / 1e3 for _, b in measured], "^--", label="measured per step before this decision (all layers)")
     axis.set_xlabel("sync step")
-    axis.set_ylabel("kB per step")
-    axis.set_ylim(bottom=0)
+    axis.set_ylabel("kB per step (log scale)")
+    axis.set_yscale("log")  # the first measured point includes the dense warm-up steps
     axis.legend(fontsize=7)
     axis.set_title(title, fontsize=9)
     figure.tight_layout()

@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.method == "torch-powersgd":
         # PyTorch's hook deadlocks on gloo once the model spans two buckets: give it one.
         bucket_cap_mb = max(bucket_cap_mb, 4 * parameters * 4 / 2**20)
-    ddp = DistributedDataParallel(model, bucket_cap_mb=bucket_cap_mb)
+    # The model's only buffer is a constant causal mask: no need for DDP to re-broadcast it
+    # before every forward (it would add traffic that no hook counts).
+    ddp = DistributedDataParallel(model, bucket_cap_mb=bucket_cap_mb, broadcast_buffers=False)
     state = register_method(ddp, args)
     start = 0
     if saved is not None:
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             validation = evaluate(model, batches, args.eval_batches)
         if rank == 0 and ((step + 1) % args.log_every == 0 or last):
             elapsed = time.perf_counter() - started
-            record = {"step": step + 1, "loss": loss_value, "validation_loss": validation, "seconds": elapsed, "method": args.method}
+            record = {"step": step + 1, "loss": loss_value, "validation_loss": validation, "seconds": elapsed, "time": time.time(), "method": args.method}
             if state is not None:
                 stats = state.stats()
                 record.update({k: stats[k] for k in ("bytes_sent", "bytes_received", "bytes_uncompressed", "compression_ratio")})
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             save(step + 1)
     if checkpoint_path:
         save(args.steps)
-    if rank == 0 and state is not None:
+    if rank == 0 and state is not None and validation is not None:
         stats = state.stats()
         print(
             f"done: final loss {loss_value:.4f}, validation {validation:.4f}; gcomp {args.method} sent "
