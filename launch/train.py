@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         # PyTorch's hook deadlocks on gloo once the model spans two buckets: give it one.
         bucket_cap_mb = max(bucket_cap_mb, 4 * parameters * 4 / 2**20)
     # The model's only buffer is a constant causal mask: no need for DDP to re-broadcast it
-    # before every forward (it would add traffic that no hook counts).
-    ddp = DistributedDataParallel(model, bucket_cap_mb=bucket_cap_mb, broadcast_buffers=False)
+    # before every forward (it would add traffic that no hook counts); it is still synced once at init.
+    ddp = DistributedDataParallel(model, bucket_cap_mb=bucket_cap_mb, forward_sync_buffers=False)
     state = register_method(ddp, args)
     start = 0
     if saved is not None:

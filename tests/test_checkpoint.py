@@ -71,3 +71,54 @@ def test_resume_is_identical(tmp_path):
             assert result["layers_with_residual"] >= 4
             assert result["steps"] == TOTAL
             assert result["equal"], (bucket_cap_mb, result["difference"])
+
+
+def _save_two_rank_state(rank: int, world_size: int, directory: str) -> None:
+    ddp, state, optimizer = _build(25.0)
+    _train(ddp, optimizer, rank, range(SPLIT))
+    torch.save(state.state_dict(), os.path.join(directory, f"state{rank}.pt"))
+    state.close()
+
+
+def _load_elsewhere(rank: int, world_size: int, directory: str) -> dict:
+    import warnings
+
+    saved = torch.load(os.path.join(directory, "state0.pt"), weights_only=True)
+    out = {}
+    # Another world size: replicated Q kept, per-rank error buffers reset, with a warning.
+    state = gcomp.PowerSGDState(**OPTIONS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state.load_state_dict(saved)
+    out["world_warning"] = any("world size" in str(w.message) for w in caught)
+    out["kept"] = sorted({key for tensors in state.layer_state.values() for key in tensors})
+    state.close()
+    # Another rank setting: warning; the stale Q no longer fits and is re-drawn on use, training runs.
+    ddp = DistributedDataParallel(make_mlp(depth=5), bucket_cap_mb=25.0)
+    state = gcomp.PowerSGDState(rank=3, warmup_steps=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state.load_state_dict(saved)
+    out["config_warning"] = any("differ" in str(w.message) for w in caught)
+    state.attach(ddp)
+    ddp.register_comm_hook(state, gcomp.powersgd_hook)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    losses = _train(ddp, optimizer, rank, range(3))
+    out["finite"] = all(bool(torch.isfinite(loss)) for loss in losses)
+    out["q_shapes"] = sorted({tuple(t["q"].shape[1:]) for t in state.layer_state.values() if "q" in t})
+    state.close()
+    # Another method: refused.
+    try:
+        gcomp.TopKState().load_state_dict(saved)
+        out["method_error"] = None
+    except ValueError as error:
+        out["method_error"] = str(error)
+    return out
+
+
+def test_mismatched_checkpoints_follow_the_policy(tmp_path):
+    run_ranks(_save_two_rank_state, 2, str(tmp_path))
+    [result] = run_ranks(_load_elsewhere, 1, str(tmp_path))
+    assert result["world_warning"] and result["kept"] == ["q"]
+    assert result["config_warning"] and result["finite"] and result["q_shapes"] == [(3,)]
+    assert result["method_error"] and "powersgd" in result["method_error"]

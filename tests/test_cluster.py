@@ -14,7 +14,7 @@ Where node 0's transmitted bytes come from (tiny model, 30 steps, 5 warm-up step
    of 60 vs 30 steps: 582.9 kB on the wire per 548.9 kB allreduce), 6.3 % on PowerSGD's small messages.
 3. DDP, not gcomp, from rank 0 only: the parameter and buffer broadcast when DDP is built
    (0.55 MB + 16 kB here). launch/train.py turns off DDP's per-step buffer broadcast
-   (``broadcast_buffers=False``: CharLM's only buffer is a constant mask), which otherwise adds
+   (``forward_sync_buffers=False``: CharLM's only buffer is a constant mask), which otherwise adds
    16 kB per step. This is why node 0 sends about 0.57 MB more than node 1.
 4. Everything else, about 60 kB: torchrun's rendezvous and keep-alives on the c10d store (hosted
    on node 0), the workers' store traffic (gloo address exchange, barriers), gcomp's one-time
