@@ -40,7 +40,7 @@ def _native_extensions() -> tuple[list, dict]:
         use_cuda = want_cuda == "1"
 
     include_dirs = [os.path.join(HERE, "csrc", "include")]
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"]
     if use_cuda:
         extension = cpp_extension.CUDAExtension(
             name="gcomp._C",

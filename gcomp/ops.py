@@ -52,6 +52,11 @@ def _use_native(device: torch.device) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("gcomp::topk_pack", dispatch_key)
 
 
+def _ints(values: Sequence[int]) -> list[int]:
+    """Plain Python ints for the ops' int[] arguments (numpy or tensor scalars are refused there)."""
+    return [int(value) for value in values]
+
+
 def topk_pack(
     buffer: torch.Tensor,
     offsets: Sequence[int],
@@ -66,7 +71,7 @@ def topk_pack(
     ``ks`` and ``value_dtype`` (``gcomp.compress.sparse.sparse_message_layout``).
     """
     if _use_native(buffer.device):
-        return torch.ops.gcomp.topk_pack(buffer, list(offsets), list(numels), list(ks), value_dtype)
+        return torch.ops.gcomp.topk_pack(buffer, _ints(offsets), _ints(numels), _ints(ks), value_dtype)
     return reference.topk_pack(buffer, offsets, numels, ks, value_dtype)
 
 
@@ -87,7 +92,7 @@ def sparse_unpack_add_(
     """
     if _use_native(out.device):
         torch.ops.gcomp.sparse_unpack_add_(
-            out, messages, list(offsets), list(numels), list(ks), value_dtype, float(scale)
+            out, messages, _ints(offsets), _ints(numels), _ints(ks), value_dtype, float(scale)
         )
         return
     reference.sparse_unpack_add_(out, messages, offsets, numels, ks, value_dtype, scale)
@@ -103,7 +108,7 @@ def sparse_unpack(
     """Decodes messages into (values, absolute int64 indices), shaped ``(total_k,)`` or ``(n, total_k)``."""
     if _use_native(messages.device):
         values, indices = torch.ops.gcomp.sparse_unpack(
-            messages, list(offsets), list(numels), list(ks), value_dtype
+            messages, _ints(offsets), _ints(numels), _ints(ks), value_dtype
         )
         return values, indices
     return reference.sparse_unpack(messages, offsets, numels, ks, value_dtype)

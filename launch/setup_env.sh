@@ -21,5 +21,6 @@ source "$GCOMP_VENV/bin/activate"
 if ! python -c "import torch, numpy, pytest, hypothesis, matplotlib" >/dev/null 2>&1; then
   python -m pip install --quiet "$GCOMP_TORCH_SPEC" numpy pytest hypothesis matplotlib setuptools wheel ninja
 fi
-# --no-build-isolation: build against the torch installed above instead of fetching another one.
-python -m pip install --quiet --no-build-isolation --no-deps -e "$GCOMP_ROOT"
+# --no-build-isolation: build against the torch installed above instead of fetching another one;
+# --use-pep517: without it this pip takes the legacy "setup.py develop" path, which skips the extension.
+python -m pip install --quiet --no-build-isolation --use-pep517 --no-deps -e "$GCOMP_ROOT"

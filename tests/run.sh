@@ -5,4 +5,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/launch/setup_env.sh"
 cd "$ROOT"
+# The set-up above builds gcomp._C: a missing extension is a test failure here, not a fallback.
+export GCOMP_REQUIRE_NATIVE="${GCOMP_REQUIRE_NATIVE:-1}"
 python -m pytest -q -p no:cacheprovider tests "$@"

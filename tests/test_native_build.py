@@ -1,0 +1,15 @@
+"""The README's test command builds the C++ extension; make its absence a failure there, not a
+quiet fallback (the native-vs-twin comparisons would otherwise all skip)."""
+import os
+
+import pytest
+
+from gcomp import ops
+
+
+def test_extension_loaded_when_required():
+    if os.environ.get("GCOMP_REQUIRE_NATIVE", "0") != "1":
+        pytest.skip("GCOMP_REQUIRE_NATIVE is not set: the pure-torch path is allowed here")
+    if os.environ.get(ops.DISABLE_NATIVE_ENV, "0") == "1":
+        pytest.skip("GCOMP_DISABLE_NATIVE=1 forces the pure-torch path")
+    assert ops.native_available(), "gcomp._C was not built or did not load (see launch/setup_env.sh)"
