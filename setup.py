@@ -5,6 +5,8 @@ computes identical results without it (pure-torch twins in ``gcomp/ops.py``).
 
 Environment switches:
   GCOMP_NO_NATIVE=1   build no extension at all (pure-torch path only)
+  GCOMP_SANITIZE=address  build the C++ code with AddressSanitizer (for memory-safety test runs;
+                      run python with LD_PRELOAD=$(gcc -print-file-name=libasan.so))
   GCOMP_WITH_CUDA=1   force a CUDAExtension (needs a CUDA toolkit and a CUDA build of torch);
                       by default CUDA is used when both are present, else a CppExtension.
 
@@ -41,6 +43,11 @@ def _native_extensions() -> tuple[list, dict]:
 
     include_dirs = [os.path.join(HERE, "csrc", "include")]
     cxx_flags = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"]
+    link_flags = ["-fopenmp"]
+    sanitizer = os.environ.get("GCOMP_SANITIZE")
+    if sanitizer:
+        cxx_flags += [f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer", "-g"]
+        link_flags += [f"-fsanitize={sanitizer}"]
     if use_cuda:
         extension = cpp_extension.CUDAExtension(
             name="gcomp._C",
@@ -48,7 +55,7 @@ def _native_extensions() -> tuple[list, dict]:
             include_dirs=include_dirs,
             define_macros=[("GCOMP_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link_flags,
         )
     else:
         extension = cpp_extension.CppExtension(
@@ -56,7 +63,7 @@ def _native_extensions() -> tuple[list, dict]:
             sources=cpp_sources,
             include_dirs=include_dirs,
             extra_compile_args=cxx_flags,
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link_flags,
         )
     return [extension], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 

@@ -152,6 +152,7 @@ class AdaptiveController:
         budget = self.config.alpha * sum(errors[layer][choice] for layer, choice in enumerate(uniform)) if names else 0.0
         solution = solve(sizes, errors, budget, uniform, resolution=self.config.resolution)
         choices = {name: options[choice] for name, options, choice in zip(names, candidates, solution.choices)}
+        self._check_same_decision(choices)
         measured = self._measured_bytes_per_step(completed_steps)
         if choices:
             self.family.apply(choices)
@@ -194,6 +195,15 @@ class AdaptiveController:
         everyone = self.state.transport.allgather(mine, traffic=None)
         if not bool((everyone == everyone[0]).all()):
             raise ValueError(f"gcomp adaptive: ranks profiled different layers or candidates (checksums {everyone.flatten().tolist()})")
+
+    def _check_same_decision(self, choices: dict[str, float]) -> None:
+        """Identical tables give identical choices; this 8-byte allgather proves it before the
+        choice changes any collective's size (a disagreement would otherwise hang or mix data)."""
+        text = ";".join(f"{name}:{value!r}" for name, value in sorted(choices.items()))
+        mine = torch.tensor([zlib.crc32(text.encode("utf-8"))], dtype=torch.int64)
+        everyone = self.state.transport.allgather(mine, traffic=None)
+        if not bool((everyone == everyone[0]).all()):
+            raise ValueError(f"gcomp adaptive: ranks reached different decisions (checksums {everyone.flatten().tolist()})")
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.config.log_path is None or self.state.transport.rank != 0:
