@@ -203,7 +203,7 @@ class EmulatedCluster:
         stderr: Union[int, IO[Any], None] = None,
         cwd: Optional[str] = None,
     ) -> subprocess.Popen:
-        """Start ``argv`` inside ``node``'s namespace (in its own session, so a terminal's Ctrl-C
+        """Start ``argv`` inside ``node``'s namespace (in a new process group via setsid, so a terminal's Ctrl-C
         reaches this process, which then cleans up, instead of half of the workers)."""
         target = self._node(node)
         process = subprocess.Popen(
@@ -381,7 +381,7 @@ def _exit_on_signal(signum: int, frame: Optional[FrameType]) -> None:
 
 
 def _signal_group(pid: int, sig: int) -> None:
-    """Signal the session (= process group) a cluster process was started in."""
+    """Signal the process group (made by setsid) a cluster process was started in."""
     try:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):

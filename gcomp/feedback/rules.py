@@ -79,7 +79,7 @@ class FeedbackRule(ABC):
     def dense_init(self, gradient: torch.Tensor, mean_gradient: torch.Tensor) -> dict[str, torch.Tensor]:
         """State after a step in which the layer's gradient was averaged uncompressed (the
         output of that step is ``mean_gradient``). Only called when ``needs_dense_init``."""
-        raise NotImplementedError(f"feedback rule {self.name!r} has no dense initialisation")
+        raise RuntimeError(f"feedback rule {self.name!r} has no dense initialisation (needs_dense_init is False)")
 
     def uncompressed_input(self, gradient: torch.Tensor, stored: Stored) -> torch.Tensor:
         """What this rank contributes when the layer is averaged uncompressed (too small to be
