@@ -12,9 +12,9 @@ TOTAL, SPLIT = 14, 7
 OPTIONS = {"rank": 2, "warmup_steps": 3}
 
 
-def _build(bucket_cap_mb: float):
+def _build(bucket_cap_mb: float, method: str = "powersgd"):
     ddp = DistributedDataParallel(make_mlp(depth=5), bucket_cap_mb=bucket_cap_mb)
-    state = gcomp.register(ddp, "powersgd", **OPTIONS)
+    state = gcomp.register(ddp, method, **(OPTIONS if method == "powersgd" else {}))
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
     return ddp, state, optimizer
 
@@ -114,6 +114,36 @@ def _load_elsewhere(rank: int, world_size: int, directory: str) -> dict:
     except ValueError as error:
         out["method_error"] = str(error)
     return out
+
+
+def _baseline_resume(rank: int, world_size: int, directory: str) -> dict:
+    """The stateless methods resume too (their counters and byte statistics included)."""
+    out = {}
+    for method in ("allreduce", "fp16", "bf16"):
+        ddp, state, optimizer = _build(0.004, method)
+        _train(ddp, optimizer, rank, range(TOTAL))
+        uninterrupted, stats = [p.detach().clone() for p in ddp.parameters()], state.stats()
+        state.close()
+        ddp, state, optimizer = _build(0.004, method)
+        _train(ddp, optimizer, rank, range(SPLIT))
+        path = os.path.join(directory, f"{method}{rank}.pt")
+        torch.save({"model": ddp.module.state_dict(), "optimizer": optimizer.state_dict(), "gcomp": state.state_dict()}, path)
+        state.close()
+        checkpoint = torch.load(path, weights_only=True)
+        ddp, state, optimizer = _build(0.004, method)
+        ddp.module.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        state.load_state_dict(checkpoint["gcomp"])
+        _train(ddp, optimizer, rank, range(SPLIT, TOTAL))
+        resumed = [p.detach().clone() for p in ddp.parameters()]
+        out[method] = all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed)) and state.stats()["bytes_sent"] == stats["bytes_sent"]
+        state.close()
+    return out
+
+
+def test_stateless_methods_resume_identically(tmp_path):
+    for result in run_ranks(_baseline_resume, 2, str(tmp_path)):
+        assert all(result.values()), result
 
 
 def test_mismatched_checkpoints_follow_the_policy(tmp_path):

@@ -1,4 +1,4 @@
-"""An overflowing step (fp16 autocast + GradScaler, inf injected on one rank) is skipped on every
+"""An overflowing step (fp16 autocast + GradScaler, inf or NaN injected on one rank) is skipped on every
 rank and leaves no trace: training then continues exactly as if that step had never happened."""
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -8,6 +8,8 @@ from distributed import run_ranks
 from models import batch, make_mlp
 
 BAD_STEP, STEPS = 6, 12
+# Each method gets one kind of poison: inf for two, NaN for one.
+POISON = {"powersgd": float("inf"), "topk-ef21": float("nan"), "topk-econtrol": float("inf")}
 METHODS = {
     "powersgd": {"rank": 2, "warmup_steps": 2},
     "topk-ef21": {"density": 0.1, "feedback": "ef21", "warmup_steps": 2, "min_compression_rate": 0.5},
@@ -30,7 +32,7 @@ def _train(rank: int, label: str, inject: bool) -> dict:
             scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())
             continue
         poison = inject and step == BAD_STEP and rank == 1
-        handle = first_weight.register_hook(lambda grad: grad * float("inf")) if poison else None
+        handle = first_weight.register_hook(lambda grad: grad * POISON[label]) if poison else None
         x, y = batch(rank, step)
         optimizer.zero_grad()
         with torch.autocast("cpu", dtype=torch.float16):
