@@ -39,7 +39,7 @@ from typing import Any, Optional, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "launch"))
 
-from cluster import ClusterRun, run_training  # noqa: E402
+from cluster import ClusterRun, run_training, split_passthrough  # noqa: E402
 from netns import ClusterError, EmulatedCluster  # noqa: E402
 
 BASELINE_METHODS = ["none", "torch-fp16", "torch-powersgd", "powersgd", "allreduce", "bf16"]
@@ -341,11 +341,7 @@ def run_matrix(methods: Sequence[str], settings: Settings, work_dir: str, extra:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        split = argv.index("--")
-        argv, extra = argv[:split], argv[split + 1:]
+    argv, extra = split_passthrough(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"CI mode: {QUICK}")
     parser.add_argument("--methods", nargs="+", default=None, help="default: PyTorch baselines + every gcomp method")

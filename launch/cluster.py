@@ -268,12 +268,17 @@ def describe(run: ClusterRun) -> str:
     return "\n".join(lines)
 
 
-def parse_arguments(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, list[str]]:
+def split_passthrough(argv: Optional[Sequence[str]] = None) -> tuple[list[str], list[str]]:
+    """Split a command line at its first ``--``: (own arguments, arguments for launch/train.py)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    train_args: list[str] = []
-    if "--" in argv:
-        split = argv.index("--")
-        argv, train_args = argv[:split], argv[split + 1:]
+    if "--" not in argv:
+        return argv, []
+    split = argv.index("--")
+    return argv[:split], argv[split + 1:]
+
+
+def parse_arguments(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, list[str]]:
+    argv, train_args = split_passthrough(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=2, help=f"emulated machines (2..{MAX_NODES})")
     parser.add_argument("--rate", default="100mbit",
