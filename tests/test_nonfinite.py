@@ -8,8 +8,25 @@ from distributed import run_ranks
 from models import batch, make_mlp
 
 BAD_STEP, STEPS = 6, 12
-# Each method gets one kind of poison: inf for two, NaN for one.
-POISON = {"powersgd": float("inf"), "topk-ef21": float("nan"), "topk-econtrol": float("inf")}
+
+
+def _one_entry(value: float):
+    """A single poisoned entry: PowerSGD sees it only through its row of P = M Q."""
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad.view(-1)[7] = value
+        return grad
+
+    return poison
+
+
+# Each method gets one kind of poison: a whole layer times inf or NaN, or one inf entry.
+POISON = {
+    "powersgd": _one_entry(float("inf")),
+    "topk-ef21": lambda grad: grad * float("nan"),
+    "topk-econtrol": lambda grad: grad * float("inf"),
+}
 METHODS = {
     "powersgd": {"rank": 2, "warmup_steps": 2},
     "topk-ef21": {"density": 0.1, "feedback": "ef21", "warmup_steps": 2, "min_compression_rate": 0.5},
@@ -32,7 +49,7 @@ def _train(rank: int, label: str, inject: bool) -> dict:
             scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())
             continue
         poison = inject and step == BAD_STEP and rank == 1
-        handle = first_weight.register_hook(lambda grad: grad * POISON[label]) if poison else None
+        handle = first_weight.register_hook(POISON[label]) if poison else None
         x, y = batch(rank, step)
         optimizer.zero_grad()
         with torch.autocast("cpu", dtype=torch.float16):

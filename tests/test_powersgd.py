@@ -94,7 +94,7 @@ def test_all_zero_layer_gives_no_nan():
 
 
 def test_expected_bytes_per_step():
-    """stats() counts exactly P, Q, dense leftovers and the health flag."""
+    """stats() counts exactly P, Q and dense leftovers."""
     [result] = run_ranks(_bytes_run, 1)
     assert result["sent"] == result["expected"]
     assert math.isclose(result["ratio"], result["uncompressed"] / result["expected"])
@@ -110,7 +110,7 @@ def _bytes_run(rank: int, world_size: int) -> dict:
         else:
             dense += param.numel()
     numel = sum(p.numel() for p in model.parameters())
-    # step 0 dense; steps 1-2: [dense | P | flag] and [Q], P + Q = (n + m) * rank per layer.
-    expected = 4 * numel + 2 * 4 * (dense + compressed + 1)
+    # step 0 dense; steps 1-2: [dense | P] and [Q], P + Q = (n + m) * rank per layer.
+    expected = 4 * numel + 2 * 4 * (dense + compressed)
     stats = got["stats"]
     return {"sent": stats["bytes_sent"], "expected": expected, "ratio": stats["compression_ratio"], "uncompressed": stats["bytes_uncompressed"]}

@@ -58,7 +58,7 @@ def _expected_ratio(shapes: list[tuple[int, ...]]) -> float:
             factors += (n + m) * r
         else:
             dense += size
-    sent = WARMUP * numel + (STEPS - WARMUP) * (dense + factors + 1)
+    sent = WARMUP * numel + (STEPS - WARMUP) * (dense + factors)
     return STEPS * numel / sent
 
 

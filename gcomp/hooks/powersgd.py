@@ -8,10 +8,18 @@ Follow one bucket through :meth:`PowerSGDState.reduce`:
 2. ``M = gradient + residual`` (error feedback), ``P = M Q`` with ``Q`` the warm-start factor of
    the previous step (or, on the first step / without warm start, a random matrix drawn from a
    generator seeded by ``seed`` and the layer name: identical on every rank).
-3. **Collective 1**: one allreduce of ``[dense leftovers | all P of the bucket | health flag]``.
+3. **Collective 1**: one allreduce of ``[dense leftovers | all P of the bucket]``. If any rank's
+   input held inf/NaN, this sum is non-finite on every rank: an inf or NaN entry of ``M`` makes
+   its whole row of ``P = M Q`` non-finite (``inf * q`` is inf, ``inf * 0`` is NaN), and sums keep it.
 4. Orthogonalise P, ``Q = M^T P``. **Collective 2**: one allreduce of all Q of the bucket, / world.
 5. Write ``P Q^T`` (identical on every rank) into the bucket; residual ``M - P Q^T`` and ``Q`` are
    staged and committed at the end of the step unless some bucket of the step was non-finite.
+
+Memory traffic matters more than flops here (the products are thin, ``r`` columns): per compressed
+layer the codec makes five passes over the gradient (``M = g + e``, ``P``, ``Q``, ``P Q^T`` into
+the bucket, ``e = M - P Q^T``), and ``M`` is built in one of two persistent workspaces per matrix
+group (the other holds the committed residual it reads), so no step allocates gradient-sized
+memory.
 
 Two collectives per bucket, each issued by the communication thread in bucket order.
 
@@ -133,6 +141,7 @@ class PowerSGDState(HookState):
         self.seed = seed
         self.layer_ranks: dict[str, int] = {}
         self._plans: dict[int, _BucketPlan] = {}
+        self._workspaces: dict[tuple[int, int, torch.dtype], list[torch.Tensor]] = {}
         if layer_ranks:
             self.set_layer_ranks(layer_ranks)
 
@@ -155,6 +164,7 @@ class PowerSGDState(HookState):
             _check_rank(f"layer_ranks[{name!r}]", rank)
         self.layer_ranks = dict(layer_ranks)
         self._plans.clear()
+        self._workspaces.clear()
 
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()
@@ -207,30 +217,53 @@ class PowerSGDState(HookState):
         fresh = orthogonalize_(fresh.to(dtype).unsqueeze(0), self.orthogonalization_epsilon)[0]
         return fresh if kept == 0 else torch.cat([stored[:, :kept], fresh], dim=1)
 
+    def _workspace(self, layout: BucketLayout, index: int, group: _MatrixGroup, dtype: torch.dtype) -> torch.Tensor:
+        """A persistent ``(b, n, m)`` tensor for this group's ``M`` that does not hold the residual
+        the group reads this step. Two per group alternate: the committed residuals are views of
+        one, so ``M = g + e`` is written into the other. A step that is dropped (non-finite)
+        commits nothing and its workspace is simply reused next step."""
+        key = (layout.fingerprint(), index, dtype)
+        pool = self._workspaces.setdefault(key, [])
+        busy = set()
+        for slot in group.layers:
+            residual = self.layer_state.get(slot.name, {}).get("error")
+            if residual is not None:
+                busy.add(residual.untyped_storage().data_ptr())
+        for workspace in pool:
+            if workspace.untyped_storage().data_ptr() not in busy:
+                return workspace
+        workspace = torch.empty((len(group.layers), group.n, group.m), dtype=dtype)
+        if len(pool) < 2:
+            pool.append(workspace)
+        return workspace
+
     def reduce(self, buffer: torch.Tensor, layout: BucketLayout, step: int) -> torch.Tensor:
         plan = self._plan(layout)
         world = self.transport.world_size
         dtype = torch.float64 if buffer.dtype == torch.float64 else torch.float32
         element = torch.finfo(dtype).bits // 8
 
-        # Collective 1: [dense leftovers | P of every compressed layer | health flag].
-        message = torch.empty(plan.dense_numel + plan.p_numel + 1, dtype=dtype)
+        # Collective 1: [dense leftovers | P of every compressed layer].
+        message = torch.empty(plan.dense_numel + plan.p_numel, dtype=dtype)
         position = 0
         for slot in plan.dense:
             message[position : position + slot.numel].copy_(buffer[slot.offset : slot.offset + slot.numel])
             position += slot.numel
-        p_all = message[plan.dense_numel : plan.dense_numel + plan.p_numel]
+        p_all = message[plan.dense_numel :]
 
         inputs: list[torch.Tensor] = []
-        for group in plan.groups:
-            matrices = torch.empty((len(group.layers), group.n, group.m), dtype=dtype)
+        for group_index, group in enumerate(plan.groups):
+            matrices = self._workspace(layout, group_index, group, dtype)
             factors = torch.empty((len(group.layers), group.m, group.rank), dtype=dtype)
             for index, slot in enumerate(group.layers):
-                matrices[index].copy_(buffer[slot.offset : slot.offset + slot.numel].view(group.n, group.m))
-                if self.error_feedback:
-                    residual = self.layer_tensor(slot.name, "error", (group.n, group.m), dtype)
-                    if residual is not None:
-                        matrices[index].add_(residual)
+                gradient = buffer[slot.offset : slot.offset + slot.numel].view(group.n, group.m)
+                residual = (
+                    self.layer_tensor(slot.name, "error", (group.n, group.m), dtype) if self.error_feedback else None
+                )
+                if residual is not None:
+                    torch.add(gradient, residual, out=matrices[index])
+                else:
+                    matrices[index].copy_(gradient)
                 factors[index].copy_(self._initial_q(slot.name, group.m, group.rank, step, dtype))
             p = p_all[group.p_offset : group.p_offset + group.p_numel].view(len(group.layers), group.n, group.rank)
             torch.bmm(matrices, factors, out=p)
@@ -238,18 +271,15 @@ class PowerSGDState(HookState):
             if self.observer is not None:
                 for index, slot in enumerate(group.layers):
                     self.observer(slot.name, slot.shape, matrices[index])
-        # Health flag: dense leftovers carry inf/NaN through the sum by themselves; for the
-        # compressed layers a sum is finite iff every entry is (sums of finite fp32 gradients
-        # do not reach 3e38), and is much cheaper than an elementwise isfinite over the bucket.
-        compressed_sum = sum(float(matrices.sum(dtype=torch.float64)) for matrices in inputs)
-        message[-1] = 0.0 if math.isfinite(compressed_sum) else math.inf
 
         self.transport.allreduce_sum_(message, self.traffic)
         self._record_traffic(layout, plan, buffer.element_size(), element)
 
         if not bool(torch.isfinite(message).all()):
-            # Some rank had inf/NaN: every rank sees the same non-finite sum, so every rank skips
-            # the Q exchange, leaves its state untouched and hands GradScaler a non-finite bucket.
+            # Some rank had inf/NaN (in a dense leftover, or in a compressed layer's input, which
+            # makes its rows of P non-finite): every rank sees the same non-finite sum, so every
+            # rank skips the Q exchange, leaves its state untouched and hands GradScaler a
+            # non-finite bucket.
             self.mark_non_finite()
             self._write_dense(buffer, plan, message, world)
             for group in plan.groups:
@@ -272,11 +302,19 @@ class PowerSGDState(HookState):
         for group, matrices in zip(plan.groups, inputs):
             p = p_all[group.p_offset : group.p_offset + group.p_numel].view(len(group.layers), group.n, group.rank)
             q = q_all[group.q_offset : group.q_offset + group.q_numel].view(len(group.layers), group.m, group.rank)
-            approximation = torch.bmm(p, q.transpose(1, 2))
-            for index, slot in enumerate(group.layers):
-                buffer[slot.offset : slot.offset + slot.numel].view(group.n, group.m).copy_(approximation[index])
-            if self.error_feedback:
-                matrices.sub_(approximation)  # now the residual: local input - shared approximation
+            if buffer.dtype == dtype:
+                # P Q^T straight into the bucket, then the residual from it: no temporary.
+                for index, slot in enumerate(group.layers):
+                    approximation = buffer[slot.offset : slot.offset + slot.numel].view(group.n, group.m)
+                    torch.mm(p[index], q[index].T, out=approximation)
+                    if self.error_feedback:
+                        matrices[index].sub_(approximation)  # now the residual
+            else:  # half-precision bucket: the residual keeps the fp32 approximation
+                approximations = torch.bmm(p, q.transpose(1, 2))
+                for index, slot in enumerate(group.layers):
+                    buffer[slot.offset : slot.offset + slot.numel].view(group.n, group.m).copy_(approximations[index])
+                if self.error_feedback:
+                    matrices.sub_(approximations)
             self.stage(_Commit(self, group, matrices if self.error_feedback else None, q if self.warm_start else None))
         return buffer
 
