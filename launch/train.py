@@ -34,8 +34,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--method", default="powersgd", choices=sorted(gcomp.METHODS) + list(TORCH_METHODS))
     parser.add_argument("--rank", type=int, default=4, help="PowerSGD rank")
     parser.add_argument("--density", type=float, default=0.01, help="top-k: fraction of each layer's entries sent")
-    parser.add_argument("--feedback", default="ef21", help="top-k error feedback: ef14, ef21 or econtrol")
+    parser.add_argument("--feedback", default="ef21", help="top-k error feedback: ef14, ef21, ef21-sgdm or econtrol")
     parser.add_argument("--eta", type=float, default=0.1, help="EControl feedback strength")
+    parser.add_argument("--feedback-momentum", type=float, default=0.9, help="EF21-SGDM momentum (beta)")
     parser.add_argument("--warmup-steps", type=int, default=20, help="sync steps of plain allreduce before compressing")
     parser.add_argument("--adaptive", action="store_true", help="L-GreCo: re-choose per-layer rank/density every --adapt-every steps")
     parser.add_argument("--adapt-every", type=int, default=100, help="sync steps between adaptive decisions")
@@ -94,7 +95,8 @@ def register_method(ddp: DistributedDataParallel, args: argparse.Namespace):
     if args.method == "powersgd":
         options = {"rank": args.rank, "warmup_steps": args.warmup_steps, "seed": args.seed}
     elif args.method == "topk":
-        options = {"density": args.density, "feedback": args.feedback, "eta": args.eta, "warmup_steps": args.warmup_steps}
+        options = {"density": args.density, "feedback": args.feedback, "eta": args.eta,
+                   "momentum": args.feedback_momentum, "warmup_steps": args.warmup_steps}
     if args.adaptive:
         options["adaptive"] = gcomp.AdaptiveConfig(
             every_steps=args.adapt_every,

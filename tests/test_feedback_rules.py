@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gcomp import ops
-from gcomp.feedback import ERROR, ESTIMATE, LOCAL_ESTIMATE, EControl, Exchange, make_feedback_rule
+from gcomp.feedback import ERROR, ESTIMATE, LOCAL_ESTIMATE, MOMENTUM, EControl, EF21SGDM, Exchange, make_feedback_rule
 
 NUMEL = 200
 WORKERS = 3
@@ -75,7 +75,64 @@ def test_ef14_residual_is_what_was_not_sent():
         assert float(stored[ERROR].norm()) > 0
 
 
-@pytest.mark.parametrize("name", ["ef21", "econtrol"])
+def test_ef21_sgdm_at_full_density_gives_the_mean_of_local_momenta():
+    """Nothing is held back at density 1, so the output is the mean of the workers' momenta
+    ``v_i = beta v_i + (1 - beta) g_i`` (started at the first, dense step's gradients)."""
+    beta = 0.8
+    result = _simulate(make_feedback_rule("ef21-sgdm", momentum=beta), steps=6, k=NUMEL)
+    momenta = _gradients(0)
+    for step, outputs in enumerate(result["outputs"]):
+        if step > 0:
+            momenta = [beta * v + (1 - beta) * g for v, g in zip(momenta, _gradients(step))]
+        expected = torch.stack(momenta).mean(0)
+        for worker, output in enumerate(outputs):
+            assert torch.allclose(output, expected, rtol=1e-5, atol=1e-5), step
+            assert torch.allclose(result["states"][step][worker][MOMENTUM], momenta[worker], atol=1e-6), step
+
+
+def test_ef21_sgdm_with_zero_momentum_is_ef21_bit_for_bit():
+    ef21 = _simulate(make_feedback_rule("ef21"), steps=12, k=15)
+    sgdm = _simulate(EF21SGDM(momentum=0.0), steps=12, k=15)
+    for step_ef21, step_sgdm in zip(ef21["outputs"], sgdm["outputs"]):
+        for a, b in zip(step_ef21, step_sgdm):
+            assert torch.equal(a, b)
+
+
+def test_ef21_sgdm_estimate_is_closer_to_the_mean_gradient_than_ef21s_under_noise():
+    """The reason the rule exists: with noisy minibatch gradients around a fixed mean and a low
+    density, EF21's estimate chases the noise; EF21-SGDM's tracks the averaged gradient."""
+    true_mean = torch.randn(NUMEL, generator=torch.Generator().manual_seed(5))
+
+    def noisy(step: int) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(1000 + step)
+        return [true_mean + 2.0 * torch.randn(NUMEL, generator=generator) for _ in range(WORKERS)]
+
+    def final_error(rule) -> float:
+        first = noisy(0)
+        stored = [rule.dense_init(g, torch.stack(first).mean(0)) for g in first]
+        errors = []
+        for step in range(1, 200):
+            gradients = noisy(step)
+            sent = [rule.message_input(g, s) for g, s in zip(gradients, stored)]
+            messages = torch.stack([ops.topk_pack(v, [0], [NUMEL], [40], torch.float32) for v in sent])
+            mean = torch.zeros(NUMEL)
+            ops.sparse_unpack_add_(mean, messages, [0], [NUMEL], [40], torch.float32, 1.0 / WORKERS)
+            new = []
+            for worker in range(WORKERS):
+                own = torch.zeros(NUMEL)
+                ops.sparse_unpack_add_(own, messages[worker], [0], [NUMEL], [40], torch.float32)
+                update = rule.update(stored[worker], Exchange(gradients[worker], sent[worker], own, mean))
+                new.append(update.stored)
+            stored = new
+            if step >= 150:
+                errors.append(float((update.output - true_mean).norm()))
+        return sum(errors) / len(errors)
+
+    ours, ef21 = final_error(EF21SGDM(momentum=0.9)), final_error(make_feedback_rule("ef21"))
+    assert ours < 0.5 * ef21, (ours, ef21)
+
+
+@pytest.mark.parametrize("name", ["ef21", "econtrol", "ef21-sgdm"])
 def test_replicated_estimate_tracks_local_estimates(name):
     """The replicated estimate stays the mean of the local estimates and is the same on every worker."""
     result = _simulate(make_feedback_rule(name, eta=0.05), steps=20, k=20, value_dtype=torch.bfloat16)
@@ -111,8 +168,8 @@ def test_econtrol_error_accumulates_what_the_estimate_missed():
 
 
 def test_rules_do_not_modify_their_inputs():
-    for name in ("ef14", "ef21", "econtrol"):
-        rule = make_feedback_rule(name, eta=0.3)
+    for name in ("ef14", "ef21", "econtrol", "ef21-sgdm"):
+        rule = make_feedback_rule(name, eta=0.3, momentum=0.5)
         gradient = _gradients(0)[0]
         stored = rule.dense_init(gradient, gradient * 0.5) if rule.needs_dense_init else {ERROR: torch.ones(NUMEL)}
         snapshot = {key: tensor.clone() for key, tensor in stored.items()}
@@ -123,6 +180,12 @@ def test_rules_do_not_modify_their_inputs():
         assert torch.equal(gradient, gradient_before)
         for key, tensor in stored.items():
             assert torch.equal(tensor, snapshot[key]), (name, key)
+
+
+@pytest.mark.parametrize("momentum", [1.0, -0.01, float("nan"), True, "0.9"])
+def test_bad_momentum(momentum):
+    with pytest.raises(ValueError, match="momentum"):
+        make_feedback_rule("ef21-sgdm", momentum=momentum)
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,9 @@ from models import batch, make_mlp, max_relative_error, train_steps
 
 SMALL_BUCKETS_MB = 0.004  # about one 32x32 layer per bucket: many equal-size buckets
 FEEDBACKS = ("ef14", "ef21", "econtrol")
+# Rules whose state must survive checkpoints and overflow steps; EF21-SGDM at density 1 averages
+# momenta, not gradients, so it is not in the density-1 == plain DDP check.
+STATEFUL_FEEDBACKS = FEEDBACKS + ("ef21-sgdm",)
 FULL_DENSITY_STEPS = 6
 ETA_ZERO_STEPS = 12
 REPLICATED_STEPS = 30
@@ -92,17 +95,23 @@ def _full_density_errors(rank: int) -> dict:
     return out
 
 
-def _eta_zero_matches_ef21(rank: int) -> list[bool]:
+def _eta_zero_matches_ef21(rank: int) -> dict[str, list[bool]]:
+    """EControl with eta = 0 and EF21-SGDM with momentum = 0 must both be EF21, step for step."""
     base = {"density": 0.1, "warmup_steps": 2}
     ef21 = train_steps(rank, "topk", {**base, "feedback": "ef21"}, ETA_ZERO_STEPS, SMALL_BUCKETS_MB)
     econtrol = train_steps(rank, "topk", {**base, "feedback": "econtrol", "eta": 0.0}, ETA_ZERO_STEPS, SMALL_BUCKETS_MB)
-    return [torch.equal(a, b) for a, b in zip(ef21["gradients"], econtrol["gradients"])]
+    sgdm = train_steps(rank, "topk", {**base, "feedback": "ef21-sgdm", "momentum": 0.0}, ETA_ZERO_STEPS, SMALL_BUCKETS_MB)
+    return {
+        "econtrol": [torch.equal(a, b) for a, b in zip(ef21["gradients"], econtrol["gradients"])],
+        "ef21-sgdm": [torch.equal(a, b) for a, b in zip(ef21["gradients"], sgdm["gradients"])],
+    }
 
 
 def _replicated_estimates(rank: int) -> dict:
     cases = {
         "ef21": {"feedback": "ef21", "value_dtype": "float16"},
         "econtrol": {"feedback": "econtrol", "eta": 0.05, "value_dtype": "bfloat16"},
+        "ef21-sgdm": {"feedback": "ef21-sgdm", "momentum": 0.8},
     }
     out = {}
     for name, options in cases.items():
@@ -113,7 +122,7 @@ def _replicated_estimates(rank: int) -> dict:
 
 def _non_finite(rank: int) -> dict:
     out = {}
-    for feedback in FEEDBACKS:
+    for feedback in STATEFUL_FEEDBACKS:
         run = _run(rank, {"density": 0.1, "feedback": feedback, "warmup_steps": 2}, POISON_STEP + 3, poison_step=POISON_STEP)
         out[feedback] = {
             "poisoned_step_finite": bool(torch.isfinite(run["gradients"][POISON_STEP]).all()),
@@ -188,8 +197,8 @@ def _train(ddp, optimizer, rank: int, steps: range) -> None:
 def _checkpoint_run(rank: int, directory: str) -> dict:
     """Per rule: save every rank's state, rebuild DDP, load, continue; compare with no interruption."""
     out = {}
-    for feedback in FEEDBACKS:
-        options = {"density": 0.1, "feedback": feedback, "warmup_steps": 3, "eta": 0.2}
+    for feedback in STATEFUL_FEEDBACKS:
+        options = {"density": 0.1, "feedback": feedback, "warmup_steps": 3, "eta": 0.2, "momentum": 0.7}
         ddp, state, optimizer = _build(options)
         _train(ddp, optimizer, rank, range(TOTAL))
         uninterrupted = [p.detach().clone() for p in ddp.parameters()]
@@ -261,15 +270,16 @@ def test_full_density_equals_plain_ddp(world, request):
             assert check["settings"] == {"density=1"}, "every layer must really be sent sparse"
 
 
-def test_econtrol_with_zero_eta_equals_ef21(two_ranks):
+def test_econtrol_with_zero_eta_and_sgdm_with_zero_momentum_equal_ef21(two_ranks):
     for result in two_ranks:
-        assert len(result["eta_zero"]) == ETA_ZERO_STEPS
-        assert all(result["eta_zero"]), result["eta_zero"]
+        for rule, same in result["eta_zero"].items():
+            assert len(same) == ETA_ZERO_STEPS, rule
+            assert all(same), (rule, same)
 
 
 def test_replicated_estimate_is_identical_on_every_rank(two_ranks):
     first, second = (result["replicated"] for result in two_ranks)
-    for rule in ("ef21", "econtrol"):
+    for rule in ("ef21", "econtrol", "ef21-sgdm"):
         assert first[rule].keys() == second[rule].keys() and len(first[rule]) >= 6, rule
         for layer in first[rule]:
             assert torch.equal(first[rule][layer], second[rule][layer]), (rule, layer)
@@ -304,7 +314,7 @@ def test_ranks_with_different_layer_densities_fail_cleanly(two_ranks):
 
 
 def test_resume_is_identical(two_ranks):
-    expected_tensors_per_layer = {"ef14": 1, "ef21": 2, "econtrol": 3}
+    expected_tensors_per_layer = {"ef14": 1, "ef21": 2, "econtrol": 3, "ef21-sgdm": 3}
     for result in two_ranks:
         for feedback, check in result["checkpoint"].items():
             assert check["steps"] == TOTAL, feedback
@@ -324,6 +334,9 @@ def test_resume_is_identical(two_ranks):
         ({"density": "0.1"}, ValueError, "density"),
         ({"eta": -0.5}, ValueError, "eta"),
         ({"eta": float("inf")}, ValueError, "eta"),
+        ({"feedback": "ef21-sgdm", "momentum": 1.0}, ValueError, "momentum"),
+        ({"momentum": -0.1}, ValueError, "momentum"),
+        ({"momentum": float("nan")}, ValueError, "momentum"),
         ({"feedback": "ef22"}, ValueError, "ef14"),
         ({"feedback": None}, TypeError, "feedback"),
         ({"value_dtype": "float64"}, ValueError, "value_dtype"),
@@ -348,6 +361,7 @@ def test_value_dtype_accepts_torch_dtypes_and_config_is_plain():
         "density": 0.02,
         "feedback": "econtrol",
         "eta": 0.05,
+        "momentum": 0.9,
         "value_dtype": "bfloat16",
         "min_compression_rate": 2.0,
     }

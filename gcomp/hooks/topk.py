@@ -1,4 +1,4 @@
-"""Top-k sparsification with error feedback (EF14, EF21 or EControl) as a DDP comm hook.
+"""Top-k sparsification with error feedback (EF14, EF21, EF21-SGDM or EControl) as a DDP comm hook.
 
 Follow one bucket through :meth:`TopKState.reduce`:
 
@@ -26,7 +26,9 @@ Tuning guide:
   message is smaller than about ``2 / world`` of the layer.
 - ``feedback``: ``"ef21"`` is the safe default for heterogeneous data; ``"ef14"`` needs one
   buffer per layer instead of two; ``"econtrol"`` adds a damped error feedback to EF21 (tune
-  ``eta`` in {0.001, 0.01, 0.05, 0.1, 0.2}; ``eta = 0`` is EF21).
+  ``eta`` in {0.001, 0.01, 0.05, 0.1, 0.2}; ``eta = 0`` is EF21); ``"ef21-sgdm"`` makes EF21
+  track a local momentum of the gradients (``momentum`` 0.9), the remedy for minibatch noise at low
+  density (``momentum = 0`` is EF21).
 - ``value_dtype``: ``"float16"``/``"bfloat16"`` halve the value bytes; the rounding error is fed back.
 - ``min_compression_rate``: raise it (e.g. to the world size) to keep layers dense unless the
   sparse message really saves bytes on the receiving side too.
@@ -46,7 +48,7 @@ import torch.distributed as dist
 from .. import ops
 from ..comm import CommWorker
 from ..compress.sparse import sparse_message_layout
-from ..feedback import ERROR, ESTIMATE, LOCAL_ESTIMATE, Exchange, FeedbackRule, make_feedback_rule
+from ..feedback import ERROR, ESTIMATE, LOCAL_ESTIMATE, MOMENTUM, Exchange, FeedbackRule, make_feedback_rule
 from .base import HookState, comm_hook
 from .layout import BucketLayout, LayerSlot
 
@@ -75,8 +77,9 @@ class TopKState(HookState):
     Args:
         process_group: the DDP process group (``None``: default group).
         density: fraction of each layer's entries sent, in (0, 1]; ``k = max(1, round(density * numel))``.
-        feedback: error-feedback rule, ``"ef14"``, ``"ef21"`` or ``"econtrol"``.
+        feedback: error-feedback rule, ``"ef14"``, ``"ef21"``, ``"ef21-sgdm"`` or ``"econtrol"``.
         eta: EControl's feedback strength (>= 0; ignored by the other rules).
+        momentum: EF21-SGDM's averaging factor beta in [0, 1) (ignored by the other rules).
         value_dtype: dtype of the values on the wire: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
         warmup_steps: sync steps of plain allreduce before compression starts.
         min_compression_rate: send a layer sparse only if ``message bytes * rate < dense bytes``.
@@ -94,7 +97,7 @@ class TopKState(HookState):
     method = "topk"
     # Every tensor name a rule may store; the chosen rule uses a subset (see gcomp.feedback).
     replicated_tensors = (ESTIMATE,)
-    per_rank_tensors = (ERROR, LOCAL_ESTIMATE)
+    per_rank_tensors = (ERROR, LOCAL_ESTIMATE, MOMENTUM)
 
     def __init__(
         self,
@@ -103,6 +106,7 @@ class TopKState(HookState):
         density: float = 0.01,
         feedback: str = "ef21",
         eta: float = 0.1,
+        momentum: float = 0.9,
         value_dtype: Union[str, torch.dtype] = "float32",
         warmup_steps: int = 10,
         min_compression_rate: float = 2.0,
@@ -114,12 +118,13 @@ class TopKState(HookState):
             math.isfinite(min_compression_rate) and min_compression_rate > 0
         ):
             raise ValueError(f"min_compression_rate must be a finite number > 0 (default 2); got {min_compression_rate!r}")
-        rule = make_feedback_rule(feedback, eta=eta)
+        rule = make_feedback_rule(feedback, eta=eta, momentum=momentum)
         value_dtype_name = _value_dtype_name(value_dtype)
         super().__init__(process_group, warmup_steps=warmup_steps, worker=worker)
         self.density = float(density)
         self.feedback = feedback
         self.eta = float(eta)
+        self.momentum = float(momentum)
         self.value_dtype_name = value_dtype_name
         self.value_dtype: torch.dtype = getattr(torch, value_dtype_name)
         self.min_compression_rate = float(min_compression_rate)
@@ -137,6 +142,7 @@ class TopKState(HookState):
             "density": self.density,
             "feedback": self.feedback,
             "eta": self.eta,
+            "momentum": self.momentum,
             "value_dtype": self.value_dtype_name,
             "min_compression_rate": self.min_compression_rate,
         }
