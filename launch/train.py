@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import signal
 import sys
@@ -27,6 +28,16 @@ import gcomp
 from gcomp.examples.charlm import Batches, CharLM, CharLMConfig, default_corpus_path, language_model_loss, load_corpus
 
 TORCH_METHODS = ("none", "torch-powersgd", "torch-fp16")
+
+
+def learning_rate(args: argparse.Namespace, step: int) -> float:
+    """The learning rate of ``step`` under ``--lr-schedule``."""
+    if args.lr_schedule == "constant":
+        return args.lr
+    if step < args.lr_warmup:
+        return args.lr * (step + 1) / args.lr_warmup
+    progress = (step - args.lr_warmup) / max(1, args.steps - args.lr_warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,6 +61,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per worker per step")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="sgd: momentum 0.9")
+    parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
+                        help="cosine: linear warm-up over --lr-warmup steps, then cosine decay to 10%% of --lr")
+    parser.add_argument("--lr-warmup", type=int, default=0, help="steps of linear learning-rate warm-up (cosine)")
     parser.add_argument("--model", default="small", help="model preset: tiny, small (3.3 M parameters), medium")
     parser.add_argument("--data", default=default_corpus_path(), help="text file or directory (default: Python's stdlib sources)")
     parser.add_argument("--max-bytes", type=int, default=4_000_000, help="read at most this much of the corpus")
@@ -127,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
 
     config = CharLMConfig.preset(args.model)
     model = CharLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     corpus = load_corpus(args.data, args.max_bytes)
     batches = Batches(corpus, config.context, args.batch_size, args.seed, rank)
 
@@ -181,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rank {rank}: killing itself (SIGKILL) before step {step}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         x, y = batches.next()
+        for group in optimizer.param_groups:  # a function of the step alone: resumes exactly
+            group["lr"] = learning_rate(args, step)
         optimizer.zero_grad()
         loss = language_model_loss(ddp, x, y)
         loss.backward()
