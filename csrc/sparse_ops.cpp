@@ -40,7 +40,6 @@ using format::LayerSection;
 
 // Elements per work unit. A multiple of 64, so units own whole bitmap bytes and words.
 constexpr int64_t kChunkElements = int64_t(1) << 16;
-constexpr int64_t kScanBlock = 16;  // elements tested at once for "any key >= low here?"
 constexpr int64_t kSampleMinNumel = int64_t(1) << 15;
 constexpr int64_t kSampleRun = 16;  // consecutive elements per sample position: one cache line
 constexpr int64_t kPrefetchDistance = 64;  // entries ahead when scattering into the output
@@ -59,78 +58,144 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // ---------------------------------------------------------------------------------------------
 // topk_pack
 // ---------------------------------------------------------------------------------------------
-// Per layer, selection is exact: a sample of keys brackets the k-th largest key between `low` and
-// `high`. One pass over the layer keeps the elements with key >= low (with their values), counts
-// the keys above `high` (all selected) and collects the keys inside [low, high]; nth_element on
-// those few finds the exact threshold, and ties at the threshold go to the smallest indices. If
-// the sample misled the bracket, the layer is redone with low = 0 and high = max (everything
-// kept, everything in the bracket), so the sample only ever affects speed, never the result.
+// Per layer, selection is exact and reads the input once:
+//  1. A sample of keys brackets the k-th largest key between `low` and `high`.
+//  2. One pass over the layer keeps the candidates, the elements with key >= low: their values
+//     (compressed, in index order) and one bit per element (a "kept word" per 64 elements). It
+//     also keeps the keys inside [low, high] (a few percent of the elements), counts the keys
+//     above `high` (all selected) and histograms the bracket keys per chunk.
+//  3. The summed histograms narrow the k-th largest key to one bin, and nth_element on that
+//     bin's few keys finds it exactly (`kth`). Ties at kth go to the smallest indices, i.e. to
+//     the earliest chunks, which fixes where each chunk's entries start in the message.
+//  4. A pass over the candidates takes the keys above kth and the chunk's share of keys equal to
+//     it (in index order) and writes values and bitmap words straight into the message. Bit-packed
+//     indices go through a list of the selected indices, as their groups of eight straddle chunks.
+// If the sample misled the bracket, the layer's scan (step 2) is redone with low = 0 and high = max
+// (everything a candidate, every key in the bracket), so the sample only ever affects speed,
+// never the result.
+
+constexpr int kHistogramBins = 256;
+constexpr int64_t kWordElements = 64;  // elements per kept word (and per bitmap word)
+// A layer counts as sparse when fewer than one element in this many is expected to be a
+// candidate: its scans then skip words without candidates with a branch, which pays although
+// part of them is mispredicted; denser layers run branch-free.
+constexpr int64_t kSparseCandidateRatio = 40;
+// Lists appended by SIMD code get whole vectors stored (and, later, loaded) past their end.
+constexpr int64_t kListSlack = 64;
+// Per-thread lists are kept between calls (no fresh pages to fault in) unless larger than this.
+constexpr int64_t kArenaKeepBytes = int64_t(64) << 20;
+
+// Growable per-thread storage that outlives a call. Entries before `used` survive growth.
+template <class T>
+struct Arena {
+  std::unique_ptr<T[]> data;
+  int64_t capacity = 0;
+  int64_t used = 0;
+
+  T* room(int64_t n) {  // at least n writable entries after `used`
+    if (used + n > capacity) {
+      const int64_t grown = std::max(used + n, 2 * capacity);
+      std::unique_ptr<T[]> bigger(new T[static_cast<size_t>(grown)]);
+      if (used > 0) std::memcpy(static_cast<void*>(bigger.get()), data.get(), static_cast<size_t>(used) * sizeof(T));
+      data = std::move(bigger);
+      capacity = grown;
+    }
+    return data.get() + used;
+  }
+  void trim() {
+    used = 0;
+    if (capacity * static_cast<int64_t>(sizeof(T)) > kArenaKeepBytes) {
+      data.reset();
+      capacity = 0;
+    }
+  }
+};
+
+// One arena per (type, role) and thread.
+enum ArenaRole { kValueList = 0, kKeyList = 1, kWordList = 2, kSelectedList = 3 };
+template <class T, int kRole>
+Arena<T>& thread_arena() {
+  static thread_local Arena<T> arena;
+  return arena;
+}
 
 template <class Key>
 struct PackLayerPlan {
-  Key low = 0;                                 // kept: key >= low
+  Key low = 0;                                 // candidates: key >= low; bracket: [low, high]
   Key high = std::numeric_limits<Key>::max();  // keys above are selected without ranking
+  bool sparse = false;                         // few candidates expected (see kSparseCandidateRatio)
+  Key top = std::numeric_limits<Key>::max();   // histogram range [low, top]; keys above go to the top bin
+  int shift = 0;                               // see histogram_bin
   int64_t first_chunk = 0;
   int64_t n_chunks = 0;
-  int64_t need = 0;  // entries to take from the bracket: k minus the keys above `high`
-  Key kth = 0;       // need-th largest bracket key (or `high` when need == 0)
+  int64_t need = 0;        // entries to take from the bracket: k minus the keys above `high`
+  int bin = -1;            // the bin holding the need-th largest bracket key (-1: need == 0)
+  int64_t above_bins = 0;  // bracket keys in bins above `bin`
+  Key kth = 0;             // need-th largest bracket key (or `high` when need == 0)
 };
 
-// A chunk after classification: the elements with key >= low (offsets from `begin`, ascending,
-// with their values, so later passes never go back to the large, cold input), the keys that fell
-// inside the bracket [low, high], and how many keys lay above it.
-template <class In, class Key>
+template <class Key>
+void set_histogram_shift(PackLayerPlan<Key>& plan) {
+  int shift = 0;
+  while (shift < static_cast<int>(8 * sizeof(Key)) - 1 && ((plan.top - plan.low) >> shift) >= kHistogramBins) {
+    ++shift;
+  }
+  plan.shift = shift;
+}
+
+// The histogram bin of a bracket key (key >= low).
+template <class Key>
+int histogram_bin(Key key, Key low, int shift) {
+  return static_cast<int>(std::min<Key>((key - low) >> shift, kHistogramBins - 1));
+}
+
+// A chunk of a layer. Its lists live in the arenas of the thread that scanned it (`owner`).
+template <class Key>
 struct PackChunk {
   int64_t layer = 0;
   int64_t begin = 0;  // element range inside the layer
   int64_t end = 0;
-  std::vector<uint32_t> kept_offset;
-  std::vector<In> kept_value;
-  std::vector<Key> bracket_key;
+  int owner = 0;
+  int64_t value_at = 0;  // candidate values: value list [value_at, value_at + n_kept)
+  int64_t n_kept = 0;
+  int64_t key_at = 0;  // bracket keys, in index order: key list [key_at, key_at + n_bracket)
+  int64_t n_bracket = 0;
+  int64_t word_at = 0;  // kept words: word list [word_at, word_at + ceil(length / 64))
+  uint32_t histogram[kHistogramBins];
+  std::vector<Key> bin_key;  // bracket keys inside the layer's chosen bin
   int64_t n_above_high = 0;
-  int64_t n_above = 0;  // kept keys > kth
-  int64_t n_equal = 0;  // kept keys == kth
+  int64_t above_bin = 0;  // bracket keys in bins above the chosen one
+  int64_t n_above = 0;    // keys > kth
+  int64_t n_equal = 0;    // keys == kth
   int64_t take_equal = 0;
   int64_t out_base = 0;  // first entry of this chunk in the layer's sorted selection
 };
 
-// Thread-private buffers for classifying one chunk without branches. SIMD code stores whole
-// vectors past the kept count, hence the slack. Left uninitialised: small calls should not pay
-// for clearing buffers sized for the largest chunk.
-constexpr int64_t kScratchSlack = 64;
+// Where each thread's lists are, once all scanning is done.
 template <class In, class Key>
-struct ClassifyScratch {
-  std::unique_ptr<uint32_t[]> kept_offset;
-  std::unique_ptr<In[]> kept_value;
-  std::unique_ptr<Key[]> bracket_key;
-  int64_t n_kept = 0;
-  int64_t n_bracket = 0;
-  int64_t n_above_high = 0;
-  explicit ClassifyScratch(int64_t chunk_capacity)
-      : kept_offset(new uint32_t[chunk_capacity + kScratchSlack]),
-        kept_value(new In[chunk_capacity + kScratchSlack]),
-        bracket_key(new Key[chunk_capacity + kScratchSlack]) {}
-
-  void start() { n_kept = n_bracket = n_above_high = 0; }
-  void finish(PackChunk<In, Key>& chunk) const {
-    chunk.kept_offset.assign(kept_offset.get(), kept_offset.get() + n_kept);
-    chunk.kept_value.assign(kept_value.get(), kept_value.get() + n_kept);
-    chunk.bracket_key.assign(bracket_key.get(), bracket_key.get() + n_bracket);
-    chunk.n_above_high = n_above_high;
-  }
+struct ListBases {
+  std::vector<const In*> values;
+  std::vector<const Key*> keys;
+  std::vector<const uint64_t*> words;
+  explicit ListBases(int threads) : values(threads), keys(threads), words(threads) {}
 };
 
-// The largest chunk a bucket has: its largest layer, capped at kChunkElements.
-int64_t largest_chunk(const BucketLayout& layout) {
-  int64_t largest = 1;
-  for (const int64_t numel : layout.numels) largest = std::max(largest, std::min(numel, kChunkElements));
-  return largest;
+// Records where the calling thread's lists are. Called after each scan loop (the arenas only grow
+// while scanning); a barrier must follow before other threads read them.
+template <class In, class Key>
+void publish_lists(ListBases<In, Key>& bases) {
+  const int t = omp_get_thread_num();
+  bases.values[t] = thread_arena<In, kValueList>().data.get();
+  bases.keys[t] = thread_arena<Key, kKeyList>().data.get();
+  bases.words[t] = thread_arena<uint64_t, kWordList>().data.get();
 }
 
 template <class In, class Key>
 void plan_layer_by_sampling(const In* x, int64_t numel, int64_t k, PackLayerPlan<Key>& plan) {
   plan.low = 0;
   plan.high = std::numeric_limits<Key>::max();
+  plan.top = plan.high;
+  plan.sparse = false;
   if (numel < kSampleMinNumel) return;
   const int64_t n_runs = std::min<int64_t>(1024, std::max<int64_t>(16, numel / 4096));
   const int64_t n_sample = n_runs * kSampleRun;
@@ -146,13 +211,18 @@ void plan_layer_by_sampling(const In* x, int64_t numel, int64_t k, PackLayerPlan
       sample[r * kSampleRun + i] = format::magnitude_key(x[r * stride + i]);
     }
   }
+  // The histogram spans the sampled keys of the bracket; the few keys above the sample's largest
+  // share the top bin.
+  const Key sample_max = *std::max_element(sample.begin(), sample.end());
   std::nth_element(sample.begin(), sample.begin() + rank_low, sample.end(), std::greater<Key>());
   plan.low = sample[rank_low];
+  plan.sparse = (rank_low + 1) * kSparseCandidateRatio < n_sample;
   if (rank_high >= 0) {
     std::nth_element(sample.begin(), sample.begin() + rank_high, sample.begin() + rank_low,
                      std::greater<Key>());
     plan.high = sample[rank_high];
   }
+  plan.top = std::min(plan.high, sample_max);
 }
 
 // True if some element of x[0, n) has magnitude_key >= low (low >= 1). Written as an OR of
@@ -168,156 +238,354 @@ bool any_key_at_least(const In* x, int64_t n, Key low) {
   return sign_bits < 0;
 }
 
-// Classifies x[first, last) of a chunk into the scratch lists without branches (always store,
-// advance the count only if kept).
+// Running state of one chunk's scan.
 template <class In, class Key>
-void classify_range(const In* x, int64_t first, int64_t last, Key low, Key high,
-                    ClassifyScratch<In, Key>& scratch) {
-  uint32_t* kept_offset = scratch.kept_offset.get();
-  In* kept_value = scratch.kept_value.get();
-  Key* bracket_key = scratch.bracket_key.get();
-  int64_t n_kept = scratch.n_kept, n_bracket = scratch.n_bracket, n_above_high = scratch.n_above_high;
-  for (int64_t i = first; i < last; ++i) {
-    const Key key = format::magnitude_key(x[i]);
-    kept_offset[n_kept] = static_cast<uint32_t>(i);
-    kept_value[n_kept] = x[i];
-    n_kept += key >= low;
-    bracket_key[n_bracket] = key;
-    n_bracket += (key >= low) & (key <= high);
-    n_above_high += key > high;
-  }
-  scratch.n_kept = n_kept;
-  scratch.n_bracket = n_bracket;
-  scratch.n_above_high = n_above_high;
-}
+struct ScanLists {
+  In* values;
+  Key* keys;
+  uint64_t* words;
+  int64_t n_kept = 0;
+  int64_t n_bracket = 0;
+  int64_t n_above_high = 0;
+};
 
+// Scans x[first, length) of a chunk (first a multiple of 64) without branches per element: every
+// value and key is stored, the counts advance only for candidates and bracket keys.
 template <class In, class Key>
-void classify_chunk_portable(const In* layer, Key low, Key high, PackChunk<In, Key>& chunk,
-                             ClassifyScratch<In, Key>& scratch) {
-  const In* x = layer + chunk.begin;
-  const int64_t length = chunk.end - chunk.begin;
-  scratch.start();
-  for (int64_t block = 0; block < length; block += kScanBlock) {
-    const int64_t block_end = std::min(length, block + kScanBlock);
-    // Most blocks hold nothing at or above `low`: skip them after a vectorised test.
-    if (low > 0 && !any_key_at_least(x + block, block_end - block, low)) continue;
-    classify_range(x, block, block_end, low, high, scratch);
+void scan_range_portable(const In* x, int64_t first, int64_t length, const PackLayerPlan<Key>& plan,
+                         ScanLists<In, Key>& lists) {
+  const Key low = plan.low, high = plan.high;
+  int64_t n_kept = lists.n_kept, n_bracket = lists.n_bracket, n_above_high = lists.n_above_high;
+  for (int64_t w = first; w < length; w += kWordElements) {
+    const int n = static_cast<int>(std::min<int64_t>(kWordElements, length - w));
+    uint64_t word = 0;
+    // Most words of a sparse layer hold no candidate: skip them after a vectorised test.
+    if (low == 0 || any_key_at_least(x + w, n, low)) {
+      for (int t = 0; t < n; ++t) {
+        const In value = x[w + t];
+        const Key key = format::magnitude_key(value);
+        const bool kept = key >= low;
+        lists.values[n_kept] = value;
+        n_kept += kept;
+        lists.keys[n_bracket] = key;
+        n_bracket += kept & (key <= high);
+        n_above_high += key > high;
+        word |= static_cast<uint64_t>(kept) << t;
+      }
+    }
+    lists.words[w / kWordElements] = word;
   }
-  scratch.finish(chunk);
+  lists.n_kept = n_kept;
+  lists.n_bracket = n_bracket;
+  lists.n_above_high = n_above_high;
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#define GCOMP_AVX512_CLASSIFY 1
-// float32 chunks, 16 elements per step with AVX-512F: keys (min(|x| bits, NaN key), see
-// sparse_format.h) are compared with the bracket and the kept lanes compressed into the scratch
-// lists. Register-form compress then a full store (the memory form is slow on some CPUs); the
-// scratch has slack for the lanes stored past the count.
-__attribute__((target("avx512f,popcnt"))) void classify_chunk_avx512(
-    const float* layer, uint32_t low, uint32_t high, PackChunk<float, uint32_t>& chunk,
-    ClassifyScratch<float, uint32_t>& scratch) {
-  const float* x = layer + chunk.begin;
-  const int64_t length = chunk.end - chunk.begin;
+#define GCOMP_AVX512_PACK 1
+// float32 input, AVX-512F, 64 elements per step. Keys are min(|x| bits, NaN key) (see
+// sparse_format.h). Lists are appended with a register-form compress and a full store (the
+// memory form is slow on some CPUs); the lists have slack for the lanes stored past the count.
+__attribute__((target("avx512f,avx512bw,popcnt"))) void scan_chunk_avx512(
+    const float* x, int64_t length, const PackLayerPlan<uint32_t>& plan, ScanLists<float, uint32_t>& lists) {
   const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
   const __m512i nan_key = _mm512_set1_epi32(static_cast<int>(format::kNanKeyFloat32));
-  const __m512i low_v = _mm512_set1_epi32(static_cast<int>(low));
-  const __m512i high_v = _mm512_set1_epi32(static_cast<int>(high));
-  const __m512i step = _mm512_set1_epi32(16);
+  const __m512i low_v = _mm512_set1_epi32(static_cast<int>(plan.low));
+  const __m512i high_v = _mm512_set1_epi32(static_cast<int>(plan.high));
   const __m512i zero = _mm512_setzero_si512();
-  __m512i offsets = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  uint32_t* kept_offset = scratch.kept_offset.get();
-  float* kept_value = scratch.kept_value.get();
-  uint32_t* bracket_key = scratch.bracket_key.get();
-  scratch.start();
-  int64_t n_kept = 0, n_bracket = 0, n_above_high = 0;
-  int64_t i = 0;
-  for (; i + 16 <= length; i += 16, offsets = _mm512_add_epi32(offsets, step)) {
-    const __m512i bits = _mm512_loadu_si512(x + i);
-    const __m512i key =  // (masked form: the unmasked one trips a false GCC 12 warning)
-        _mm512_mask_min_epu32(zero, static_cast<__mmask16>(0xFFFF), _mm512_and_si512(bits, abs_mask), nan_key);
-    const __mmask16 kept = _mm512_cmpge_epu32_mask(key, low_v);
-    if (kept == 0) continue;
-    const __mmask16 above = _mm512_mask_cmpgt_epu32_mask(kept, key, high_v);
-    const __mmask16 bracket = static_cast<__mmask16>(kept & ~above);
-    _mm512_storeu_si512(kept_offset + n_kept, _mm512_mask_compress_epi32(zero, kept, offsets));
-    _mm512_storeu_si512(kept_value + n_kept, _mm512_mask_compress_epi32(zero, kept, bits));
-    n_kept += __builtin_popcount(kept);
-    _mm512_storeu_si512(bracket_key + n_bracket, _mm512_mask_compress_epi32(zero, bracket, key));
+  const __mmask16 all = static_cast<__mmask16>(0xFFFF);
+  const bool sparse = plan.sparse;
+  float* values = lists.values;
+  int64_t n_kept = 0;
+  int64_t w = 0;
+  // Candidates first: |x| bits >= low exactly when the key is (see magnitude_bits).
+  for (; w + kWordElements <= length; w += kWordElements) {
+    __m512i bits[4];
+    __mmask16 kept[4];
+    for (int q = 0; q < 4; ++q) {
+      bits[q] = _mm512_loadu_si512(x + w + 16 * q);
+      kept[q] = _mm512_cmpge_epu32_mask(_mm512_and_si512(bits[q], abs_mask), low_v);
+    }
+    const __mmask64 word = _mm512_kunpackd(_mm512_kunpackw(kept[3], kept[2]), _mm512_kunpackw(kept[1], kept[0]));
+    lists.words[w / kWordElements] = _cvtmask64_u64(word);
+    if (sparse && _cvtmask64_u64(word) == 0) continue;
+    for (int q = 0; q < 4; ++q) {
+      _mm512_storeu_si512(values + n_kept, _mm512_maskz_compress_epi32(kept[q], bits[q]));
+      n_kept += __builtin_popcount(kept[q]);
+    }
+  }
+  // Then the bracket keys among the candidates (few, and still in the L1/L2 cache).
+  uint32_t* keys = lists.keys;
+  int64_t n_bracket = 0, n_above_high = 0;
+  for (int64_t j = 0; j < n_kept; j += 16) {
+    const int64_t rest = n_kept - j;
+    const __mmask16 valid = static_cast<__mmask16>(rest >= 16 ? 0xFFFFu : (1u << rest) - 1u);
+    const __m512i key =  // (masked min: the unmasked form trips a false GCC 12 warning)
+        _mm512_mask_min_epu32(zero, all, _mm512_and_si512(_mm512_loadu_si512(values + j), abs_mask), nan_key);
+    const __mmask16 above = _mm512_mask_cmpgt_epu32_mask(valid, key, high_v);
+    const __mmask16 bracket = static_cast<__mmask16>(valid & ~above);
+    _mm512_storeu_si512(keys + n_bracket, _mm512_maskz_compress_epi32(bracket, key));
     n_bracket += __builtin_popcount(bracket);
     n_above_high += __builtin_popcount(above);
   }
-  scratch.n_kept = n_kept;
-  scratch.n_bracket = n_bracket;
-  scratch.n_above_high = n_above_high;
-  classify_range(x, i, length, low, high, scratch);
-  scratch.finish(chunk);
+  lists.n_kept = n_kept;
+  lists.n_bracket = n_bracket;
+  lists.n_above_high = n_above_high;
+  scan_range_portable(x, w, length, plan, lists);
 }
 
-bool cpu_has_avx512f() { return __builtin_cpu_supports("avx512f"); }
-#endif
-
-template <class In, class Key>
-void classify_chunk(const In* layer, Key low, Key high, PackChunk<In, Key>& chunk,
-                    ClassifyScratch<In, Key>& scratch, bool use_simd) {
-#ifdef GCOMP_AVX512_CLASSIFY
-  if constexpr (std::is_same_v<In, float>) {
-    if (use_simd) return classify_chunk_avx512(layer, low, high, chunk, scratch);
+// Collects the keys in [bin_low, bin_high] of keys[0, n) into out (room for the count + 16).
+__attribute__((target("avx512f,popcnt"))) int64_t collect_range_avx512(const uint32_t* keys, int64_t n,
+                                                                       uint32_t bin_low, uint32_t bin_high,
+                                                                       uint32_t* out) {
+  const __m512i low_v = _mm512_set1_epi32(static_cast<int>(bin_low));
+  const __m512i high_v = _mm512_set1_epi32(static_cast<int>(bin_high));
+  int64_t count = 0, i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i key = _mm512_loadu_si512(keys + i);
+    const __mmask16 in_bin = _mm512_mask_cmple_epu32_mask(_mm512_cmpge_epu32_mask(key, low_v), key, high_v);
+    _mm512_storeu_si512(out + count, _mm512_maskz_compress_epi32(in_bin, key));
+    count += __builtin_popcount(in_bin);
   }
-#endif
-  (void)use_simd;
-  classify_chunk_portable(layer, low, high, chunk, scratch);
+  for (; i < n; ++i) {
+    out[count] = keys[i];
+    count += (keys[i] >= bin_low) & (keys[i] <= bin_high);
+  }
+  return count;
 }
 
-// The need-th largest of a layer's bracket keys. One histogram pass over (key - low) >> shift
-// narrows it to one bin; nth_element then runs on that bin's keys only.
-template <class In, class Key>
-Key kth_largest_bracket_key(const PackChunk<In, Key>* first, const PackChunk<In, Key>* last,
-                            const PackLayerPlan<Key>& plan) {
-  constexpr int kBins = 2048;
-  int shift = 0;
-  while (shift < static_cast<int>(8 * sizeof(Key)) - 1 && ((plan.high - plan.low) >> shift) >= kBins) ++shift;
-  std::vector<int64_t> counts(kBins, 0);
-  for (const PackChunk<In, Key>* c = first; c != last; ++c) {
-    for (const Key key : c->bracket_key) ++counts[(key - plan.low) >> shift];
+// Appends the element indices of the set bits of `take` (first + bit) to selected[j...] and
+// returns the new j. Branch-free for up to four bits (a word of a sparse layer rarely has more);
+// stores for absent bits go to a dummy, as selected[j] may already belong to the next chunk.
+inline int64_t append_indices(uint64_t take, int64_t first, int64_t* selected, int64_t j) {
+  int64_t dummy;
+  for (int u = 0; u < 4; ++u) {
+    const bool present = take != 0;
+    *(present ? selected + j : &dummy) = first + __builtin_ctzll(take | (uint64_t(1) << 63));
+    j += present;
+    take &= take - 1u;
   }
-  int64_t above = 0;  // bracket keys in bins above the chosen one
-  int bin = kBins - 1;
-  for (; bin > 0 && above + counts[bin] < plan.need; --bin) above += counts[bin];
-  std::vector<Key> in_bin;
-  in_bin.reserve(static_cast<size_t>(counts[bin]));
-  for (const PackChunk<In, Key>* c = first; c != last; ++c) {
-    for (const Key key : c->bracket_key) {
-      if (static_cast<int>((key - plan.low) >> shift) == bin) in_bin.push_back(key);
+  for (; take != 0; take &= take - 1u) selected[j++] = first + format::lowest_set_bit(take);
+  return j;
+}
+
+// Step 4 for float32 values: the candidates of each kept word are loaded 16 at a time, the taken
+// ones compressed and stored, and their bits spread back to element positions (pdep) for the
+// bitmap or the index list. Stores write whole vectors while the chunk's entries go on past them
+// (later stores overwrite the excess) and masked ones near the chunk's end, whose next bytes
+// belong to another chunk.
+__attribute__((target("avx512f,popcnt,bmi,bmi2"))) void emit_chunk_avx512(
+    const float* candidates, const uint64_t* words, int64_t chunk_begin, int64_t length, uint32_t kth,
+    bool sparse, int64_t position, int64_t end_position, int64_t ties_left, uint8_t* values,
+    uint8_t* bitmap, int64_t* selected) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
+  const __m512i nan_key = _mm512_set1_epi32(static_cast<int>(format::kNanKeyFloat32));
+  const __m512i kth_v = _mm512_set1_epi32(static_cast<int>(kth));
+  const __m512i zero = _mm512_setzero_si512();
+  const __mmask16 all = static_cast<__mmask16>(0xFFFF);
+  const int64_t n_words = ceil_div(length, kWordElements);
+  const int64_t full_words = length / kWordElements;
+  float* out = reinterpret_cast<float*>(values);
+  for (int64_t b = 0; b < n_words; ++b) {
+    const uint64_t word = words[b];
+    uint64_t take = 0;
+    if (!sparse || word != 0) {
+      const int count = __builtin_popcountll(word);
+      uint64_t taken = 0;  // bit j: candidate j of this word is taken
+      int j = 0;
+      do {  // one round unless the word has more than 16 candidates
+        const __m512i v = _mm512_loadu_si512(candidates + j);
+        const __m512i key = _mm512_mask_min_epu32(zero, all, _mm512_and_si512(v, abs_mask), nan_key);
+        const int rest = count - j;
+        const __mmask16 valid = static_cast<__mmask16>(rest >= 16 ? 0xFFFFu : (1u << rest) - 1u);
+        __mmask16 t = _mm512_mask_cmpgt_epu32_mask(valid, key, kth_v);
+        if (ties_left > 0) {
+          uint32_t equal = _mm512_mask_cmpeq_epu32_mask(valid, key, kth_v);
+          for (; equal != 0 && ties_left > 0; equal &= equal - 1u, --ties_left) {
+            t = static_cast<__mmask16>(t | (equal & (~equal + 1u)));
+          }
+        }
+        const int n_taken = __builtin_popcount(t);
+        const __m512i picked = _mm512_maskz_compress_epi32(t, v);
+        if (position + 16 <= end_position) {
+          _mm512_storeu_si512(out + position, picked);
+        } else {
+          _mm512_mask_storeu_epi32(out + position, static_cast<__mmask16>((1u << n_taken) - 1u), picked);
+        }
+        position += n_taken;
+        taken |= static_cast<uint64_t>(t) << j;
+        j += 16;
+      } while (j < count);
+      candidates += count;
+      take = _pdep_u64(taken, word);
+    }
+    const int64_t first = b * kWordElements;
+    if (bitmap != nullptr) {  // little-endian: the word's bytes are the bitmap's bytes
+      uint8_t* bytes = bitmap + (chunk_begin + first) / 8;
+      if (b < full_words) {
+        std::memcpy(bytes, &take, sizeof(take));
+      } else {
+        for (int64_t byte = 0; byte < ceil_div(length - first, 8); ++byte) {
+          bytes[byte] = static_cast<uint8_t>(take >> (8 * byte));
+        }
+      }
+    } else {
+      append_indices(take, chunk_begin + first, selected, position - __builtin_popcountll(take));
     }
   }
-  const int64_t rank = plan.need - above - 1;  // 0-based, descending, inside the bin
-  std::nth_element(in_bin.begin(), in_bin.begin() + rank, in_bin.end(), std::greater<Key>());
-  return in_bin[rank];
 }
 
-// Finds the exact threshold among a layer's bracket keys and hands out positions: ties at the
-// threshold go to the smallest indices, i.e. to the earliest chunks. With need == 0 every key
-// above `high` (and nothing else) is taken.
+bool cpu_has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("bmi2");
+}
+#endif
+
+// Step 2 for one chunk: fills the chunk's candidate, bracket key and kept word lists in the calling
+// thread's arenas, and histograms the bracket keys.
 template <class In, class Key>
-void settle_layer(PackLayerPlan<Key>& plan, PackChunk<In, Key>* chunks) {
-  PackChunk<In, Key>* first = chunks + plan.first_chunk;
-  PackChunk<In, Key>* last = first + plan.n_chunks;
+void scan_chunk(const In* layer, const PackLayerPlan<Key>& plan, PackChunk<Key>& chunk, bool use_simd) {
+  Arena<In>& value_arena = thread_arena<In, kValueList>();
+  Arena<Key>& key_arena = thread_arena<Key, kKeyList>();
+  Arena<uint64_t>& word_arena = thread_arena<uint64_t, kWordList>();
+  const int64_t length = chunk.end - chunk.begin;
+  const int64_t n_words = ceil_div(length, kWordElements);
+  ScanLists<In, Key> lists{value_arena.room(length + kListSlack), key_arena.room(length + kListSlack),
+                           word_arena.room(n_words)};
+  const In* x = layer + chunk.begin;
+#ifdef GCOMP_AVX512_PACK
+  if constexpr (std::is_same_v<In, float>) {
+    if (use_simd) {
+      scan_chunk_avx512(x, length, plan, lists);
+    } else {
+      scan_range_portable(x, 0, length, plan, lists);
+    }
+  } else {
+    scan_range_portable(x, 0, length, plan, lists);
+  }
+#else
+  (void)use_simd;
+  scan_range_portable(x, 0, length, plan, lists);
+#endif
+  chunk.owner = omp_get_thread_num();
+  chunk.value_at = value_arena.used;
+  chunk.n_kept = lists.n_kept;
+  chunk.key_at = key_arena.used;
+  chunk.n_bracket = lists.n_bracket;
+  chunk.word_at = word_arena.used;
+  chunk.n_above_high = lists.n_above_high;
+  value_arena.used += lists.n_kept;
+  key_arena.used += lists.n_bracket;
+  word_arena.used += n_words;
+  std::fill(chunk.histogram, chunk.histogram + kHistogramBins, 0u);
+  const Key low = plan.low;
+  const int shift = plan.shift;
+  for (int64_t j = 0; j < lists.n_bracket; ++j) ++chunk.histogram[histogram_bin(lists.keys[j], low, shift)];
+}
+
+// The bin of the summed histograms that holds the need-th largest bracket key.
+template <class Key>
+void choose_bin(PackLayerPlan<Key>& plan, const PackChunk<Key>* chunks) {
+  plan.bin = -1;
+  plan.above_bins = 0;
+  if (plan.need <= 0) return;
+  int64_t counts[kHistogramBins] = {};
+  for (int64_t c = plan.first_chunk; c < plan.first_chunk + plan.n_chunks; ++c) {
+    for (int b = 0; b < kHistogramBins; ++b) counts[b] += chunks[c].histogram[b];
+  }
+  int64_t above = 0;
+  int bin = kHistogramBins - 1;
+  for (; bin > 0 && above + counts[bin] < plan.need; --bin) above += counts[bin];
+  plan.bin = bin;
+  plan.above_bins = above;
+}
+
+// A chunk's bracket keys in the chosen bin, and how many lie in the bins above it.
+template <class In, class Key>
+void collect_bin(const PackLayerPlan<Key>& plan, const ListBases<In, Key>& bases, PackChunk<Key>& chunk,
+                 bool use_simd) {
+  chunk.bin_key.clear();
+  chunk.above_bin = 0;
+  if (plan.bin < 0) return;
+  for (int b = plan.bin + 1; b < kHistogramBins; ++b) chunk.above_bin += chunk.histogram[b];
+  if (chunk.histogram[plan.bin] == 0) return;
+  // The bin's keys form the range [bin_low, bin_high].
+  const Key bin_low = plan.low + (static_cast<Key>(plan.bin) << plan.shift);
+  const Key bin_high = plan.bin == kHistogramBins - 1 ? std::numeric_limits<Key>::max()
+                                                      : static_cast<Key>(bin_low + ((static_cast<Key>(1) << plan.shift) - 1));
+  const Key* keys = bases.keys[chunk.owner] + chunk.key_at;
+  chunk.bin_key.resize(chunk.histogram[plan.bin] + 16);
+  int64_t count = 0;
+#ifdef GCOMP_AVX512_PACK
+  if constexpr (std::is_same_v<Key, uint32_t>) {
+    if (use_simd) count = collect_range_avx512(keys, chunk.n_bracket, bin_low, bin_high, chunk.bin_key.data());
+  }
+#endif
+  if (count == 0) {
+    Key* out = chunk.bin_key.data();
+    for (int64_t j = 0; j < chunk.n_bracket; ++j) {
+      out[count] = keys[j];
+      count += (keys[j] >= bin_low) & (keys[j] <= bin_high);
+    }
+  }
+  (void)use_simd;
+  chunk.bin_key.resize(static_cast<size_t>(count));
+}
+
+// The rank-th largest (0-based) of keys, which it reorders. Large inputs are first narrowed by
+// histograms of their spread, so the final nth_element sees few keys however they cluster.
+template <class Key>
+Key kth_largest(std::vector<Key>& keys, int64_t rank) {
+  constexpr size_t kDirect = 2048;
+  while (keys.size() > kDirect) {
+    const auto [min_it, max_it] = std::minmax_element(keys.begin(), keys.end());
+    const Key lo = *min_it, hi = *max_it;
+    if (lo == hi) return lo;
+    int shift = 0;
+    while (((hi - lo) >> shift) >= kHistogramBins) ++shift;
+    int64_t counts[kHistogramBins] = {};
+    for (const Key key : keys) ++counts[(key - lo) >> shift];
+    int bin = kHistogramBins - 1;
+    for (; rank >= counts[bin]; --bin) rank -= counts[bin];
+    size_t kept = 0;
+    for (const Key key : keys) {
+      keys[kept] = key;
+      kept += static_cast<int>((key - lo) >> shift) == bin;
+    }
+    keys.resize(kept);
+  }
+  std::nth_element(keys.begin(), keys.begin() + rank, keys.end(), std::greater<Key>());
+  return keys[rank];
+}
+
+// Finds the exact threshold and hands out positions: ties at the threshold go to the smallest
+// indices, i.e. to the earliest chunks. With need == 0 every key above `high` (and nothing else)
+// is taken.
+template <class Key>
+void settle_layer(PackLayerPlan<Key>& plan, PackChunk<Key>* chunks) {
+  PackChunk<Key>* first = chunks + plan.first_chunk;
+  PackChunk<Key>* last = first + plan.n_chunks;
   plan.kth = plan.high;
-  if (plan.need > 0) plan.kth = kth_largest_bracket_key(first, last, plan);
+  if (plan.need > 0) {
+    std::vector<Key> in_bin;
+    for (PackChunk<Key>* c = first; c != last; ++c) in_bin.insert(in_bin.end(), c->bin_key.begin(), c->bin_key.end());
+    plan.kth = kth_largest(in_bin, plan.need - plan.above_bins - 1);
+  }
   int64_t bracket_above = 0;  // bracket keys above kth: taken, like every key above `high`
-  for (PackChunk<In, Key>* c = first; c != last; ++c) {
+  for (PackChunk<Key>* c = first; c != last; ++c) {
     c->n_above = c->n_above_high;
     c->n_equal = 0;
     if (plan.need > 0) {
-      for (const Key key : c->bracket_key) {
-        bracket_above += key > plan.kth;
-        c->n_above += key > plan.kth;
+      int64_t above = c->above_bin;
+      for (const Key key : c->bin_key) {
+        above += key > plan.kth;
         c->n_equal += key == plan.kth;
       }
+      c->n_above += above;
+      bracket_above += above;
     }
   }
   int64_t ties_left = plan.need - bracket_above;  // 0 when need == 0
   int64_t position = 0;
-  for (PackChunk<In, Key>* c = first; c != last; ++c) {
+  for (PackChunk<Key>* c = first; c != last; ++c) {
     c->take_equal = std::min(c->n_equal, ties_left);
     ties_left -= c->take_equal;
     c->out_base = position;
@@ -325,31 +593,118 @@ void settle_layer(PackLayerPlan<Key>& plan, PackChunk<In, Key>* chunks) {
   }
 }
 
-// Writes a chunk's selected values (and bitmap bits, or indices to `selected` for bit-packing)
+// Step 4, portable: walks a chunk's kept words and candidates in index order.
+template <class In, class Key>
+void emit_chunk_portable(const In* candidates, const uint64_t* words, int64_t chunk_begin, int64_t length,
+                         Key kth, int64_t position, int64_t ties_left, FloatKind value_kind,
+                         uint8_t* values, uint8_t* bitmap, int64_t* selected) {
+  const int64_t value_size = format::float_kind_size(value_kind);
+  for (int64_t first = 0; first < length; first += kWordElements) {
+    uint64_t take = 0;
+    for (uint64_t rest = words[first / kWordElements]; rest != 0; rest &= rest - 1u, ++candidates) {
+      const In value = *candidates;
+      const Key key = format::magnitude_key(value);
+      if (key < kth || (key == kth && ties_left-- <= 0)) continue;
+      format::store_value(values + position * value_size, value_kind, value);
+      if (selected != nullptr) selected[position] = chunk_begin + first + format::lowest_set_bit(rest);
+      ++position;
+      take |= rest & (~rest + 1u);
+    }
+    if (bitmap != nullptr) {
+      uint8_t* bytes = bitmap + (chunk_begin + first) / 8;  // chunk_begin and first: multiples of 64
+      const int64_t n_bytes = std::min<int64_t>(8, ceil_div(length - first, 8));
+      for (int64_t byte = 0; byte < n_bytes; ++byte) bytes[byte] = static_cast<uint8_t>(take >> (8 * byte));
+    }
+  }
+}
+
+// Writes a chunk's selected values (and bitmap words, or indices to `selected` for bit-packing)
 // in ascending index order: keys above kth, and the first take_equal keys equal to it.
 template <class In, class Key>
-void emit_chunk(const PackChunk<In, Key>& chunk, const PackLayerPlan<Key>& plan,
-                const LayerSection& section, FloatKind value_kind, uint8_t* message,
-                int64_t* selected) {
+void emit_chunk(const PackChunk<Key>& chunk, const PackLayerPlan<Key>& plan, const ListBases<In, Key>& bases,
+                const LayerSection& section, FloatKind value_kind, uint8_t* message, int64_t* selected,
+                bool use_simd) {
   uint8_t* values = message + section.value_offset;
   uint8_t* bitmap = section.bitmap ? message + section.index_offset : nullptr;
-  const int64_t value_size = format::float_kind_size(value_kind);
-  int64_t position = chunk.out_base;
-  int64_t ties_left = chunk.take_equal;
-  const size_t n_kept = chunk.kept_offset.size();
-  for (size_t j = 0; j < n_kept; ++j) {
-    const In value = chunk.kept_value[j];
-    const Key key = format::magnitude_key(value);
-    if (key < plan.kth || (key == plan.kth && ties_left-- <= 0)) continue;
-    const int64_t index = chunk.begin + chunk.kept_offset[j];
-    format::store_value(values + position * value_size, value_kind, value);
-    if (bitmap != nullptr) {
-      format::bitmap_set(bitmap, index);
-    } else {
-      selected[position] = index;
+  int64_t* layer_selected = section.bitmap ? nullptr : selected;
+  const In* candidates = bases.values[chunk.owner] + chunk.value_at;
+  const uint64_t* words = bases.words[chunk.owner] + chunk.word_at;
+  const int64_t length = chunk.end - chunk.begin;
+#ifdef GCOMP_AVX512_PACK
+  if constexpr (std::is_same_v<In, float>) {
+    if (use_simd && value_kind == FloatKind::kFloat32) {
+      return emit_chunk_avx512(candidates, words, chunk.begin, length, plan.kth, plan.sparse, chunk.out_base,
+                               chunk.out_base + chunk.n_above + chunk.take_equal, chunk.take_equal, values,
+                               bitmap, layer_selected);
     }
-    ++position;
   }
+#endif
+  (void)use_simd;
+  emit_chunk_portable(candidates, words, chunk.begin, length, plan.kth, chunk.out_base, chunk.take_equal,
+                      value_kind, values, bitmap, layer_selected);
+}
+
+// The last step, in parallel units: groups of eight sorted indices of a bit-packed layer (each
+// group owns `bits` whole bytes), and the padding of each layer's sections, which the unit with
+// first_group == 0 zeroes. Every other byte of the message is written by emit_chunk.
+struct FinishUnit {
+  int64_t layer;
+  int64_t first_group;
+  int64_t end_group;
+};
+constexpr int64_t kGroupsPerUnit = 512;
+
+std::vector<FinishUnit> finish_units(const BucketLayout& layout) {
+  std::vector<FinishUnit> units;
+  for (int64_t l = 0; l < layout.n_layers(); ++l) {
+    const int64_t groups = layout.sections[l].bitmap ? 0 : ceil_div(layout.ks[l], format::kIndexGroup);
+    int64_t first = 0;
+    do {
+      units.push_back({l, first, std::min(groups, first + kGroupsPerUnit)});
+      first += kGroupsPerUnit;
+    } while (first < groups);
+  }
+  return units;
+}
+
+void finish_unit(const FinishUnit& unit, const BucketLayout& layout, const int64_t* selected, uint8_t* message) {
+  const LayerSection& section = layout.sections[unit.layer];
+  const int64_t k = layout.ks[unit.layer];
+  if (unit.first_group == 0) {
+    const int64_t value_payload = k * format::float_kind_size(layout.value_kind);
+    std::memset(message + section.value_offset + value_payload, 0,
+                static_cast<size_t>(section.value_bytes - value_payload));
+    std::memset(message + section.index_offset + section.index_payload_bytes, 0,
+                static_cast<size_t>(section.index_bytes - section.index_payload_bytes));
+  }
+  if (unit.end_group == unit.first_group) return;
+  const int bits = section.bits;
+  uint8_t* out = message + section.index_offset + unit.first_group * bits;
+  const int64_t first = unit.first_group * format::kIndexGroup;
+  const int64_t last = std::min(k, unit.end_group * format::kIndexGroup);
+#if defined(__SIZEOF_INT128__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  // Consecutive groups are consecutive bytes, so the unit is one bit stream: indices go into a
+  // 128-bit accumulator (an index has at most 56 bits), flushed 64 bits at a time.
+  unsigned __int128 pending = 0;
+  int pending_bits = 0;
+  for (int64_t j = first; j < last; ++j) {
+    pending |= static_cast<unsigned __int128>(static_cast<uint64_t>(selected[j])) << pending_bits;
+    pending_bits += bits;
+    if (pending_bits >= 64) {
+      const uint64_t word = static_cast<uint64_t>(pending);
+      std::memcpy(out, &word, sizeof(word));
+      out += sizeof(word);
+      pending >>= 64;
+      pending_bits -= 64;
+    }
+  }
+  for (int byte = 0; byte < (pending_bits + 7) / 8; ++byte) out[byte] = static_cast<uint8_t>(pending >> (8 * byte));
+#else
+  for (int64_t j = first; j < last; j += format::kIndexGroup) {
+    const int count = static_cast<int>(std::min<int64_t>(format::kIndexGroup, last - j));
+    format::pack_index_group(selected + j, count, bits, out + (j - first) / format::kIndexGroup * bits);
+  }
+#endif
 }
 
 template <class In>
@@ -359,95 +714,112 @@ void topk_pack_kernel(const In* buffer, const BucketLayout& layout, uint8_t* mes
   int64_t work = 0;
   for (const int64_t numel : layout.numels) work += numel;
   const int threads = thread_count(work);
-#ifdef GCOMP_AVX512_CLASSIFY
+#ifdef GCOMP_AVX512_PACK
   // GCOMP_DISABLE_SIMD=1 selects the portable path (so tests can check it on AVX-512 machines).
   const char* disable_simd = std::getenv("GCOMP_DISABLE_SIMD");
   const bool use_simd =
-      cpu_has_avx512f() && (disable_simd == nullptr || std::string(disable_simd) != "1");
+      cpu_has_avx512() && (disable_simd == nullptr || std::string(disable_simd) != "1");
 #else
   const bool use_simd = false;
 #endif
 
   std::vector<PackLayerPlan<Key>> plans(n_layers);
-  std::vector<PackChunk<In, Key>> chunks;
+  int64_t n_chunks = 0;
   for (int64_t l = 0; l < n_layers; ++l) {
-    plans[l].first_chunk = static_cast<int64_t>(chunks.size());
+    plans[l].first_chunk = n_chunks;
     plans[l].n_chunks = ceil_div(layout.numels[l], kChunkElements);
+    n_chunks += plans[l].n_chunks;
+  }
+  std::vector<PackChunk<Key>> chunks(static_cast<size_t>(n_chunks));
+  for (int64_t l = 0; l < n_layers; ++l) {
     for (int64_t c = 0; c < plans[l].n_chunks; ++c) {
-      PackChunk<In, Key> chunk;
+      PackChunk<Key>& chunk = chunks[plans[l].first_chunk + c];
       chunk.layer = l;
       chunk.begin = c * kChunkElements;
       chunk.end = std::min(layout.numels[l], chunk.begin + kChunkElements);
-      chunks.push_back(std::move(chunk));
     }
   }
-  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
   auto layer_data = [&](int64_t l) { return buffer + layout.offsets[l]; };
 
   std::vector<char> redo(static_cast<size_t>(n_chunks), 0);  // chunks of layers whose bracket failed
-  // Indices of bit-packed layers wait here until a layer's chunks have all been emitted.
-  std::unique_ptr<int64_t[]> selected(new int64_t[static_cast<size_t>(layout.total_entries())]);
+  // Indices of bit-packed layers wait here until a layer's chunks have all been emitted
+  // (bitmap layers never touch their part).
+  Arena<int64_t>& selected_arena = thread_arena<int64_t, kSelectedList>();
+  int64_t* selected = selected_arena.room(layout.total_entries());
+  ListBases<In, Key> bases(threads);
+  bool any_redo = false;
+  const std::vector<FinishUnit> units = finish_units(layout);
 
 #pragma omp parallel num_threads(threads)
   {
-    ClassifyScratch<In, Key> scratch(largest_chunk(layout));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t l = 0; l < n_layers; ++l) {
       plan_layer_by_sampling(layer_data(l), layout.numels[l], layout.ks[l], plans[l]);
+      set_histogram_shift(plans[l]);
     }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < n_chunks; ++c) {
-      const PackLayerPlan<Key>& plan = plans[chunks[c].layer];
-      classify_chunk(layer_data(chunks[c].layer), plan.low, plan.high, chunks[c], scratch, use_simd);
+      const int64_t l = chunks[c].layer;
+      scan_chunk(layer_data(l), plans[l], chunks[c], use_simd);
     }
+    publish_lists(bases);
 #pragma omp single
     {
-      // Check each bracket; a misled one is widened to everything and its layer classified again.
+      // Check each bracket; a misled one is widened to everything and its layer scanned again.
       for (int64_t l = 0; l < n_layers; ++l) {
         PackLayerPlan<Key>& plan = plans[l];
         int64_t n_above_high = 0, n_bracket = 0;
         for (int64_t c = plan.first_chunk; c < plan.first_chunk + plan.n_chunks; ++c) {
           n_above_high += chunks[c].n_above_high;
-          n_bracket += static_cast<int64_t>(chunks[c].bracket_key.size());
+          n_bracket += chunks[c].n_bracket;
         }
         plan.need = layout.ks[l] - n_above_high;
         if (plan.need < 0 || plan.need > n_bracket) {
           plan.low = 0;
           plan.high = std::numeric_limits<Key>::max();
+          plan.top = plan.high;
+          plan.sparse = false;
+          set_histogram_shift(plan);
           plan.need = layout.ks[l];
           std::fill(redo.begin() + plan.first_chunk, redo.begin() + plan.first_chunk + plan.n_chunks, 1);
+          any_redo = true;
+        } else {
+          choose_bin(plan, chunks.data());
         }
       }
     }
+    if (any_redo) {  // the same value in every thread: it was set before the barrier of `single`
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t c = 0; c < n_chunks; ++c) {
-      if (!redo[c]) continue;
-      classify_chunk(layer_data(chunks[c].layer), Key(0), std::numeric_limits<Key>::max(), chunks[c],
-                     scratch, use_simd);
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        if (!redo[c]) continue;
+        const int64_t l = chunks[c].layer;
+        scan_chunk(layer_data(l), plans[l], chunks[c], use_simd);
+      }
+      publish_lists(bases);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t l = 0; l < n_layers; ++l) {
+        if (redo[plans[l].first_chunk]) choose_bin(plans[l], chunks.data());
+      }
     }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < n_chunks; ++c) collect_bin(plans[chunks[c].layer], bases, chunks[c], use_simd);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t l = 0; l < n_layers; ++l) settle_layer(plans[l], chunks.data());
 #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < n_chunks; ++c) {
       const int64_t l = chunks[c].layer;
-      emit_chunk(chunks[c], plans[l], layout.sections[l], layout.value_kind, message,
-                 selected.get() + layout.entry_base[l]);
+      emit_chunk(chunks[c], plans[l], bases, layout.sections[l], layout.value_kind, message,
+                 selected + layout.entry_base[l], use_simd);
     }
-    // Bit-pack the sorted indices eight at a time: each group owns `bits` whole bytes.
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t l = 0; l < n_layers; ++l) {
-      const LayerSection& section = layout.sections[l];
-      if (section.bitmap) continue;
-      const int64_t k = layout.ks[l];
-      const int64_t* layer_selected = selected.get() + layout.entry_base[l];
-      uint8_t* payload = message + section.index_offset;
-      for (int64_t first = 0; first < k; first += format::kIndexGroup) {
-        const int count = static_cast<int>(std::min<int64_t>(format::kIndexGroup, k - first));
-        format::pack_index_group(layer_selected + first, count, section.bits,
-                                 payload + (first / format::kIndexGroup) * section.bits);
-      }
+    for (size_t u = 0; u < units.size(); ++u) {
+      finish_unit(units[u], layout, selected + layout.entry_base[units[u].layer], message);
     }
+    thread_arena<In, kValueList>().trim();
+    thread_arena<Key, kKeyList>().trim();
+    thread_arena<uint64_t, kWordList>().trim();
   }
+  selected_arena.trim();
 }
 
 at::Tensor topk_pack_cpu(const at::Tensor& buffer, c10::IntArrayRef offsets,
@@ -456,7 +828,8 @@ at::Tensor topk_pack_cpu(const at::Tensor& buffer, c10::IntArrayRef offsets,
   check_pack_args(op, buffer);
   const BucketLayout layout =
       make_bucket_layout(op, offsets, numels, ks, value_dtype, buffer.numel());
-  at::Tensor message = at::zeros({layout.message_bytes}, buffer.options().dtype(at::kByte));
+  // Not cleared: the kernel writes every byte, padding included.
+  at::Tensor message = at::empty({layout.message_bytes}, buffer.options().dtype(at::kByte));
   uint8_t* out = message.data_ptr<uint8_t>();
   const void* data = buffer.const_data_ptr();
   switch (buffer.scalar_type()) {
