@@ -158,7 +158,9 @@ class EF21SGDM(FeedbackRule):
     sampling noise, and at 1 % density it can only move 1 % of its entries per step; ``v_i``
     averages that noise away, so the estimate tracks a target that moves slowly. ``beta = 0`` is
     EF21 bit for bit. The output is an average of recent gradients (not a sum), so learning rates
-    tuned for uncompressed training keep their scale.
+    tuned for uncompressed training keep their scale. Meant for plain SGD, whose momentum it
+    replaces: under AdamW it is a second average on top of Adam's and lagged behind EF21 in
+    benchmarks/RESULTS.md §3b.
     """
 
     name: ClassVar[str] = "ef21-sgdm"

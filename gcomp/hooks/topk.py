@@ -28,7 +28,7 @@ Tuning guide:
   buffer per layer instead of two; ``"econtrol"`` adds a damped error feedback to EF21 (tune
   ``eta`` in {0.001, 0.01, 0.05, 0.1, 0.2}; ``eta = 0`` is EF21); ``"ef21-sgdm"`` makes EF21
   track a local momentum of the gradients (``momentum`` 0.9), the remedy for minibatch noise at low
-  density (``momentum = 0`` is EF21).
+  density with plain SGD (``momentum = 0`` is EF21; with AdamW prefer ``"ef14"``).
 - ``value_dtype``: ``"float16"``/``"bfloat16"`` halve the value bytes; the rounding error is fed back.
 - ``min_compression_rate``: raise it (e.g. to the world size) to keep layers dense unless the
   sparse message really saves bytes on the receiving side too.
