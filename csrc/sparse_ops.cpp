@@ -79,7 +79,7 @@ constexpr int64_t kWordElements = 64;  // elements per kept word (and per bitmap
 // A layer counts as sparse when fewer than one element in this many is expected to be a
 // candidate: its scans then skip words without candidates with a branch, which pays although
 // part of them is mispredicted; denser layers run branch-free.
-constexpr int64_t kSparseCandidateRatio = 40;
+constexpr int64_t kSparseCandidateRatio = 150;
 // Lists appended by SIMD code get whole vectors stored (and, later, loaded) past their end.
 constexpr int64_t kListSlack = 64;
 // Per-thread lists are kept between calls (no fresh pages to fault in) unless larger than this.
@@ -112,7 +112,7 @@ struct Arena {
 };
 
 // One arena per (type, role) and thread.
-enum ArenaRole { kValueList = 0, kKeyList = 1, kWordList = 2, kSelectedList = 3 };
+enum ArenaRole { kValueList = 0, kKeyList = 1, kWordList = 2, kSelectedList = 3, kPositionList = 4, kTakenList = 5 };
 template <class T, int kRole>
 Arena<T>& thread_arena() {
   static thread_local Arena<T> arena;
@@ -124,6 +124,7 @@ struct PackLayerPlan {
   Key low = 0;                                 // candidates: key >= low; bracket: [low, high]
   Key high = std::numeric_limits<Key>::max();  // keys above are selected without ranking
   bool sparse = false;                         // few candidates expected (see kSparseCandidateRatio)
+  bool positions = false;                      // the scan also lists each candidate's place in its chunk
   Key top = std::numeric_limits<Key>::max();   // histogram range [low, top]; keys above go to the top bin
   int shift = 0;                               // see histogram_bin
   int64_t first_chunk = 0;
@@ -161,6 +162,7 @@ struct PackChunk {
   int64_t key_at = 0;  // bracket keys, in index order: key list [key_at, key_at + n_bracket)
   int64_t n_bracket = 0;
   int64_t word_at = 0;  // kept words: word list [word_at, word_at + ceil(length / 64))
+  int64_t position_at = 0;  // with plan.positions: position list [position_at, position_at + n_kept)
   uint32_t histogram[kHistogramBins];
   std::vector<Key> bin_key;  // bracket keys inside the layer's chosen bin
   int64_t n_above_high = 0;
@@ -177,7 +179,8 @@ struct ListBases {
   std::vector<const In*> values;
   std::vector<const Key*> keys;
   std::vector<const uint64_t*> words;
-  explicit ListBases(int threads) : values(threads), keys(threads), words(threads) {}
+  std::vector<const uint16_t*> positions;
+  explicit ListBases(int threads) : values(threads), keys(threads), words(threads), positions(threads) {}
 };
 
 // Records where the calling thread's lists are. Called after each scan loop (the arenas only grow
@@ -188,6 +191,7 @@ void publish_lists(ListBases<In, Key>& bases) {
   bases.values[t] = thread_arena<In, kValueList>().data.get();
   bases.keys[t] = thread_arena<Key, kKeyList>().data.get();
   bases.words[t] = thread_arena<uint64_t, kWordList>().data.get();
+  bases.positions[t] = thread_arena<uint16_t, kPositionList>().data.get();
 }
 
 template <class In, class Key>
@@ -244,6 +248,7 @@ struct ScanLists {
   In* values;
   Key* keys;
   uint64_t* words;
+  uint16_t* positions;  // nullptr unless plan.positions
   int64_t n_kept = 0;
   int64_t n_bracket = 0;
   int64_t n_above_high = 0;
@@ -266,6 +271,7 @@ void scan_range_portable(const In* x, int64_t first, int64_t length, const PackL
         const Key key = format::magnitude_key(value);
         const bool kept = key >= low;
         lists.values[n_kept] = value;
+        if (lists.positions != nullptr) lists.positions[n_kept] = static_cast<uint16_t>(w + t);
         n_kept += kept;
         lists.keys[n_bracket] = key;
         n_bracket += kept & (key <= high);
@@ -285,7 +291,7 @@ void scan_range_portable(const In* x, int64_t first, int64_t length, const PackL
 // float32 input, AVX-512F, 64 elements per step. Keys are min(|x| bits, NaN key) (see
 // sparse_format.h). Lists are appended with a register-form compress and a full store (the
 // memory form is slow on some CPUs); the lists have slack for the lanes stored past the count.
-__attribute__((target("avx512f,avx512bw,popcnt"))) void scan_chunk_avx512(
+__attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) void scan_chunk_avx512(
     const float* x, int64_t length, const PackLayerPlan<uint32_t>& plan, ScanLists<float, uint32_t>& lists) {
   const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
   const __m512i nan_key = _mm512_set1_epi32(static_cast<int>(format::kNanKeyFloat32));
@@ -295,6 +301,11 @@ __attribute__((target("avx512f,avx512bw,popcnt"))) void scan_chunk_avx512(
   const __mmask16 all = static_cast<__mmask16>(0xFFFF);
   const bool sparse = plan.sparse;
   float* values = lists.values;
+  uint16_t* positions = lists.positions;
+  // Chunk-relative places of 32 consecutive elements, for the position list.
+  __m512i places = _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13,
+                                    12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i place_step = _mm512_set1_epi16(static_cast<short>(kWordElements));
   int64_t n_kept = 0;
   int64_t w = 0;
   // Candidates first: |x| bits >= low exactly when the key is (see magnitude_bits).
@@ -307,7 +318,16 @@ __attribute__((target("avx512f,avx512bw,popcnt"))) void scan_chunk_avx512(
     }
     const __mmask64 word = _mm512_kunpackd(_mm512_kunpackw(kept[3], kept[2]), _mm512_kunpackw(kept[1], kept[0]));
     lists.words[w / kWordElements] = _cvtmask64_u64(word);
+    const __m512i word_places = places;
+    places = _mm512_add_epi16(places, place_step);
     if (sparse && _cvtmask64_u64(word) == 0) continue;
+    if (positions != nullptr) {
+      const __mmask32 low_half = _mm512_kunpackw(kept[1], kept[0]);
+      const __mmask32 high_half = _mm512_kunpackw(kept[3], kept[2]);
+      _mm512_storeu_si512(positions + n_kept, _mm512_maskz_compress_epi16(low_half, word_places));
+      _mm512_storeu_si512(positions + n_kept + _mm_popcnt_u32(low_half),
+                          _mm512_maskz_compress_epi16(high_half, _mm512_add_epi16(word_places, _mm512_set1_epi16(32))));
+    }
     for (int q = 0; q < 4; ++q) {
       _mm512_storeu_si512(values + n_kept, _mm512_maskz_compress_epi32(kept[q], bits[q]));
       n_kept += __builtin_popcount(kept[q]);
@@ -353,91 +373,122 @@ __attribute__((target("avx512f,popcnt"))) int64_t collect_range_avx512(const uin
   return count;
 }
 
-// Appends the element indices of the set bits of `take` (first + bit) to selected[j...] and
-// returns the new j. Branch-free for up to four bits (a word of a sparse layer rarely has more);
-// stores for absent bits go to a dummy, as selected[j] may already belong to the next chunk.
-inline int64_t append_indices(uint64_t take, int64_t first, int64_t* selected, int64_t j) {
-  int64_t dummy;
-  for (int u = 0; u < 4; ++u) {
-    const bool present = take != 0;
-    *(present ? selected + j : &dummy) = first + __builtin_ctzll(take | (uint64_t(1) << 63));
-    j += present;
-    take &= take - 1u;
-  }
-  for (; take != 0; take &= take - 1u) selected[j++] = first + format::lowest_set_bit(take);
-  return j;
-}
-
-// Step 4 for float32 values: the candidates of each kept word are loaded 16 at a time, the taken
-// ones compressed and stored, and their bits spread back to element positions (pdep) for the
-// bitmap or the index list. Stores write whole vectors while the chunk's entries go on past them
-// (later stores overwrite the excess) and masked ones near the chunk's end, whose next bytes
-// belong to another chunk.
-__attribute__((target("avx512f,popcnt,bmi,bmi2"))) void emit_chunk_avx512(
-    const float* candidates, const uint64_t* words, int64_t chunk_begin, int64_t length, uint32_t kth,
-    bool sparse, int64_t position, int64_t end_position, int64_t ties_left, uint8_t* values,
+// Step 4 for float32 values. The chunk's candidates are walked 16 at a time: the taken ones are
+// compressed and stored, and so are their places (bit-packed layers, which listed them in the
+// scan). Bitmap layers keep the taken bits as a stream instead, which a second, branch-free loop
+// spreads back to element positions one kept word at a time (pdep). Stores write whole vectors
+// while the chunk's entries go on past them (later stores overwrite the excess) and masked ones
+// near the chunk's end, whose next entries belong to another chunk.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt,bmi,bmi2"))) void emit_chunk_avx512(
+    const float* candidates, const uint16_t* places, int64_t n_kept, const uint64_t* words, int64_t chunk_begin,
+    int64_t length, uint32_t kth, int64_t position, int64_t end_position, int64_t ties_left, uint8_t* values,
     uint8_t* bitmap, int64_t* selected) {
   const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
   const __m512i nan_key = _mm512_set1_epi32(static_cast<int>(format::kNanKeyFloat32));
   const __m512i kth_v = _mm512_set1_epi32(static_cast<int>(kth));
   const __m512i zero = _mm512_setzero_si512();
+  const __m512i base = _mm512_set1_epi64(chunk_begin);
   const __mmask16 all = static_cast<__mmask16>(0xFFFF);
-  const int64_t n_words = ceil_div(length, kWordElements);
-  const int64_t full_words = length / kWordElements;
   float* out = reinterpret_cast<float*>(values);
-  for (int64_t b = 0; b < n_words; ++b) {
-    const uint64_t word = words[b];
-    uint64_t take = 0;
-    if (!sparse || word != 0) {
-      const int count = __builtin_popcountll(word);
-      uint64_t taken = 0;  // bit j: candidate j of this word is taken
-      int j = 0;
-      do {  // one round unless the word has more than 16 candidates
-        const __m512i v = _mm512_loadu_si512(candidates + j);
-        const __m512i key = _mm512_mask_min_epu32(zero, all, _mm512_and_si512(v, abs_mask), nan_key);
-        const int rest = count - j;
-        const __mmask16 valid = static_cast<__mmask16>(rest >= 16 ? 0xFFFFu : (1u << rest) - 1u);
-        __mmask16 t = _mm512_mask_cmpgt_epu32_mask(valid, key, kth_v);
-        if (ties_left > 0) {
-          uint32_t equal = _mm512_mask_cmpeq_epu32_mask(valid, key, kth_v);
-          for (; equal != 0 && ties_left > 0; equal &= equal - 1u, --ties_left) {
-            t = static_cast<__mmask16>(t | (equal & (~equal + 1u)));
-          }
-        }
-        const int n_taken = __builtin_popcount(t);
-        const __m512i picked = _mm512_maskz_compress_epi32(t, v);
-        if (position + 16 <= end_position) {
-          _mm512_storeu_si512(out + position, picked);
-        } else {
-          _mm512_mask_storeu_epi32(out + position, static_cast<__mmask16>((1u << n_taken) - 1u), picked);
-        }
-        position += n_taken;
-        taken |= static_cast<uint64_t>(t) << j;
-        j += 16;
-      } while (j < count);
-      candidates += count;
-      take = _pdep_u64(taken, word);
+  const int64_t n_groups = ceil_div(n_kept, 16);
+  uint16_t* taken = nullptr;  // bit j of taken[g]: candidate 16 g + j is taken (bitmap layers)
+  if (bitmap != nullptr) taken = thread_arena<uint16_t, kTakenList>().room(n_groups + 8);
+  for (int64_t g = 0; g < n_groups; ++g) {
+    const int64_t j = 16 * g;
+    const int64_t rest = n_kept - j;
+    const __mmask16 valid = static_cast<__mmask16>(rest >= 16 ? 0xFFFFu : (1u << rest) - 1u);
+    const __m512i v = _mm512_loadu_si512(candidates + j);
+    const __m512i key = _mm512_mask_min_epu32(zero, all, _mm512_and_si512(v, abs_mask), nan_key);
+    __mmask16 t = _mm512_mask_cmpgt_epu32_mask(valid, key, kth_v);
+    if (ties_left > 0) {
+      uint32_t equal = _mm512_mask_cmpeq_epu32_mask(valid, key, kth_v);
+      for (; equal != 0 && ties_left > 0; equal &= equal - 1u, --ties_left) {
+        t = static_cast<__mmask16>(t | (equal & (~equal + 1u)));
+      }
     }
-    const int64_t first = b * kWordElements;
-    if (bitmap != nullptr) {  // little-endian: the word's bytes are the bitmap's bytes
-      uint8_t* bytes = bitmap + (chunk_begin + first) / 8;
-      if (b < full_words) {
-        std::memcpy(bytes, &take, sizeof(take));
+    const int n_taken = __builtin_popcount(t);
+    const __m512i picked = _mm512_maskz_compress_epi32(t, v);
+    const bool room = position + 16 <= end_position;
+    const __mmask16 head = static_cast<__mmask16>((1u << n_taken) - 1u);
+    if (room) {
+      _mm512_storeu_si512(out + position, picked);
+    } else {
+      _mm512_mask_storeu_epi32(out + position, head, picked);
+    }
+    if (selected != nullptr) {
+      const __m256i picked_places =
+          _mm256_maskz_compress_epi16(t, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(places + j)));
+      // (masked widening: the unmasked form trips the same false GCC 12 warning)
+      const __m512i low =
+          _mm512_add_epi64(_mm512_maskz_cvtepu16_epi64(0xFF, _mm256_castsi256_si128(picked_places)), base);
+      const __m512i high =
+          _mm512_add_epi64(_mm512_maskz_cvtepu16_epi64(0xFF, _mm256_extracti128_si256(picked_places, 1)), base);
+      if (room) {
+        _mm512_storeu_si512(selected + position, low);
+        _mm512_storeu_si512(selected + position + 8, high);
       } else {
-        for (int64_t byte = 0; byte < ceil_div(length - first, 8); ++byte) {
-          bytes[byte] = static_cast<uint8_t>(take >> (8 * byte));
-        }
+        _mm512_mask_storeu_epi64(selected + position, static_cast<__mmask8>(head), low);
+        _mm512_mask_storeu_epi64(selected + position + 8, static_cast<__mmask8>(head >> 8), high);
       }
     } else {
-      append_indices(take, chunk_begin + first, selected, position - __builtin_popcountll(take));
+      taken[g] = t;
     }
+    position += n_taken;
+  }
+  if (bitmap == nullptr) return;
+  std::fill(taken + n_groups, taken + n_groups + 8, uint16_t(0));  // read (and unused) past the end
+  const int64_t n_words = ceil_div(length, kWordElements);
+  const int64_t full_words = length / kWordElements;
+  int64_t cursor = 0;  // candidates of the words before b
+  for (int64_t b = 0; b < n_words; ++b) {
+    const uint64_t word = words[b];
+    // The next popcount(word) taken bits, from bit `cursor` of the stream on.
+    uint64_t low_bits, high_bits;
+    std::memcpy(&low_bits, taken + 4 * (cursor >> 6), sizeof(low_bits));
+    std::memcpy(&high_bits, taken + 4 * (cursor >> 6) + 4, sizeof(high_bits));
+    const int shift = static_cast<int>(cursor & 63);
+    const uint64_t stream = (low_bits >> shift) | ((high_bits << 1) << (63 - shift));
+    const uint64_t take = _pdep_u64(stream, word);
+    uint8_t* bytes = bitmap + (chunk_begin + b * kWordElements) / 8;  // little-endian: word bytes = bitmap bytes
+    if (b < full_words) {
+      std::memcpy(bytes, &take, sizeof(take));
+    } else {
+      for (int64_t byte = 0; byte < ceil_div(length - b * kWordElements, 8); ++byte) {
+        bytes[byte] = static_cast<uint8_t>(take >> (8 * byte));
+      }
+    }
+    cursor += __builtin_popcountll(word);
   }
 }
 
 bool cpu_has_avx512() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("bmi2");
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2") &&
+         __builtin_cpu_supports("bmi2");
 }
 #endif
+
+// counts[b] = number of keys[0, n) in histogram bin b. Long lists are counted into four
+// interleaved histograms: consecutive keys often share a bin, and one histogram would make each
+// increment wait for the previous one's store.
+template <class Key>
+void histogram_keys(const Key* keys, int64_t n, Key low, int shift, uint32_t* counts) {
+  std::fill(counts, counts + kHistogramBins, 0u);
+  if (n < 4 * kHistogramBins) {
+    for (int64_t j = 0; j < n; ++j) ++counts[histogram_bin(keys[j], low, shift)];
+    return;
+  }
+  uint32_t partial[4][kHistogramBins] = {};
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    ++partial[0][histogram_bin(keys[j], low, shift)];
+    ++partial[1][histogram_bin(keys[j + 1], low, shift)];
+    ++partial[2][histogram_bin(keys[j + 2], low, shift)];
+    ++partial[3][histogram_bin(keys[j + 3], low, shift)];
+  }
+  for (; j < n; ++j) ++partial[0][histogram_bin(keys[j], low, shift)];
+  for (int b = 0; b < kHistogramBins; ++b) counts[b] = partial[0][b] + partial[1][b] + partial[2][b] + partial[3][b];
+}
 
 // Step 2 for one chunk: fills the chunk's candidate, bracket key and kept word lists in the calling
 // thread's arenas, and histograms the bracket keys.
@@ -446,10 +497,12 @@ void scan_chunk(const In* layer, const PackLayerPlan<Key>& plan, PackChunk<Key>&
   Arena<In>& value_arena = thread_arena<In, kValueList>();
   Arena<Key>& key_arena = thread_arena<Key, kKeyList>();
   Arena<uint64_t>& word_arena = thread_arena<uint64_t, kWordList>();
+  Arena<uint16_t>& position_arena = thread_arena<uint16_t, kPositionList>();
   const int64_t length = chunk.end - chunk.begin;
   const int64_t n_words = ceil_div(length, kWordElements);
   ScanLists<In, Key> lists{value_arena.room(length + kListSlack), key_arena.room(length + kListSlack),
-                           word_arena.room(n_words)};
+                           word_arena.room(n_words),
+                           plan.positions ? position_arena.room(length + kListSlack) : nullptr};
   const In* x = layer + chunk.begin;
 #ifdef GCOMP_AVX512_PACK
   if constexpr (std::is_same_v<In, float>) {
@@ -471,14 +524,13 @@ void scan_chunk(const In* layer, const PackLayerPlan<Key>& plan, PackChunk<Key>&
   chunk.key_at = key_arena.used;
   chunk.n_bracket = lists.n_bracket;
   chunk.word_at = word_arena.used;
+  chunk.position_at = position_arena.used;
   chunk.n_above_high = lists.n_above_high;
   value_arena.used += lists.n_kept;
   key_arena.used += lists.n_bracket;
   word_arena.used += n_words;
-  std::fill(chunk.histogram, chunk.histogram + kHistogramBins, 0u);
-  const Key low = plan.low;
-  const int shift = plan.shift;
-  for (int64_t j = 0; j < lists.n_bracket; ++j) ++chunk.histogram[histogram_bin(lists.keys[j], low, shift)];
+  if (plan.positions) position_arena.used += lists.n_kept;
+  histogram_keys(lists.keys, lists.n_bracket, plan.low, plan.shift, chunk.histogram);
 }
 
 // The bin of the summed histograms that holds the need-th largest bracket key.
@@ -633,9 +685,12 @@ void emit_chunk(const PackChunk<Key>& chunk, const PackLayerPlan<Key>& plan, con
 #ifdef GCOMP_AVX512_PACK
   if constexpr (std::is_same_v<In, float>) {
     if (use_simd && value_kind == FloatKind::kFloat32) {
-      return emit_chunk_avx512(candidates, words, chunk.begin, length, plan.kth, plan.sparse, chunk.out_base,
-                               chunk.out_base + chunk.n_above + chunk.take_equal, chunk.take_equal, values,
-                               bitmap, layer_selected);
+      const uint16_t* places = plan.positions ? bases.positions[chunk.owner] + chunk.position_at : nullptr;
+      if (bitmap != nullptr || places != nullptr) {
+        return emit_chunk_avx512(candidates, places, chunk.n_kept, words, chunk.begin, length, plan.kth,
+                                 chunk.out_base, chunk.out_base + chunk.n_above + chunk.take_equal,
+                                 chunk.take_equal, values, bitmap, layer_selected);
+      }
     }
   }
 #endif
@@ -756,6 +811,8 @@ void topk_pack_kernel(const In* buffer, const BucketLayout& layout, uint8_t* mes
     for (int64_t l = 0; l < n_layers; ++l) {
       plan_layer_by_sampling(layer_data(l), layout.numels[l], layout.ks[l], plans[l]);
       set_histogram_shift(plans[l]);
+      plans[l].positions = use_simd && std::is_same_v<In, float> && layout.value_kind == FloatKind::kFloat32 &&
+                           !layout.sections[l].bitmap;
     }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < n_chunks; ++c) {
@@ -818,6 +875,8 @@ void topk_pack_kernel(const In* buffer, const BucketLayout& layout, uint8_t* mes
     thread_arena<In, kValueList>().trim();
     thread_arena<Key, kKeyList>().trim();
     thread_arena<uint64_t, kWordList>().trim();
+    thread_arena<uint16_t, kPositionList>().trim();
+    thread_arena<uint16_t, kTakenList>().trim();
   }
   selected_arena.trim();
 }
