@@ -805,8 +805,10 @@ void topk_pack_kernel(const In* buffer, const BucketLayout& layout, uint8_t* mes
   bool any_redo = false;
   const std::vector<FinishUnit> units = finish_units(layout);
 
-#pragma omp parallel num_threads(threads)
-  {
+  // The steps below, run by every thread of a team (the worksharing loops split the work) or, for
+  // small calls, by the calling thread alone: outside a parallel region the same loops run
+  // whole, without the team's barriers (each of which costs a system call).
+  auto steps = [&]() {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t l = 0; l < n_layers; ++l) {
       plan_layer_by_sampling(layer_data(l), layout.numels[l], layout.ks[l], plans[l]);
@@ -814,7 +816,7 @@ void topk_pack_kernel(const In* buffer, const BucketLayout& layout, uint8_t* mes
       plans[l].positions = use_simd && std::is_same_v<In, float> && layout.value_kind == FloatKind::kFloat32 &&
                            !layout.sections[l].bitmap;
     }
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static)
     for (int64_t c = 0; c < n_chunks; ++c) {
       const int64_t l = chunks[c].layer;
       scan_chunk(layer_data(l), plans[l], chunks[c], use_simd);
@@ -862,7 +864,7 @@ void topk_pack_kernel(const In* buffer, const BucketLayout& layout, uint8_t* mes
     for (int64_t c = 0; c < n_chunks; ++c) collect_bin(plans[chunks[c].layer], bases, chunks[c], use_simd);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t l = 0; l < n_layers; ++l) settle_layer(plans[l], chunks.data());
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static)
     for (int64_t c = 0; c < n_chunks; ++c) {
       const int64_t l = chunks[c].layer;
       emit_chunk(chunks[c], plans[l], bases, layout.sections[l], layout.value_kind, message,
@@ -877,6 +879,12 @@ void topk_pack_kernel(const In* buffer, const BucketLayout& layout, uint8_t* mes
     thread_arena<uint64_t, kWordList>().trim();
     thread_arena<uint16_t, kPositionList>().trim();
     thread_arena<uint16_t, kTakenList>().trim();
+  };
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    steps();
+  } else {
+    steps();
   }
   selected_arena.trim();
 }
