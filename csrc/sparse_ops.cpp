@@ -127,6 +127,10 @@ struct PackLayerPlan {
   bool positions = false;                      // the scan also lists each candidate's place in its chunk
   Key top = std::numeric_limits<Key>::max();   // histogram range [low, top]; keys above go to the top bin
   int shift = 0;                               // see histogram_bin
+  // The sample (two copies, so that the two order statistics can be found by two threads at once)
+  // and the ranks that bracket the k-th largest key in it.
+  std::vector<Key> sample, sample_copy;
+  int64_t rank_low = -1, rank_high = -1;
   int64_t first_chunk = 0;
   int64_t n_chunks = 0;
   int64_t need = 0;        // entries to take from the bracket: k minus the keys above `high`
@@ -135,13 +139,14 @@ struct PackLayerPlan {
   Key kth = 0;             // need-th largest bracket key (or `high` when need == 0)
 };
 
+// The smallest shift that maps the histogram range [low, top] onto kHistogramBins bins.
 template <class Key>
-void set_histogram_shift(PackLayerPlan<Key>& plan) {
+int histogram_shift(const PackLayerPlan<Key>& plan) {
   int shift = 0;
   while (shift < static_cast<int>(8 * sizeof(Key)) - 1 && ((plan.top - plan.low) >> shift) >= kHistogramBins) {
     ++shift;
   }
-  plan.shift = shift;
+  return shift;
 }
 
 // The histogram bin of a bracket key (key >= low).
@@ -194,37 +199,56 @@ void publish_lists(ListBases<In, Key>& bases) {
   bases.positions[t] = thread_arena<uint16_t, kPositionList>().data.get();
 }
 
+// Sampling, part 1 (one layer): sets the plan's defaults (no bracket) and, for large layers,
+// takes a sample of keys: runs of kSampleRun consecutive elements (one cache line) at a fixed stride.
 template <class In, class Key>
-void plan_layer_by_sampling(const In* x, int64_t numel, int64_t k, PackLayerPlan<Key>& plan) {
+void take_sample(const In* x, int64_t numel, int64_t k, PackLayerPlan<Key>& plan) {
   plan.low = 0;
   plan.high = std::numeric_limits<Key>::max();
   plan.top = plan.high;
   plan.sparse = false;
+  plan.rank_low = plan.rank_high = -1;
+  plan.sample.clear();
+  plan.sample_copy.clear();
   if (numel < kSampleMinNumel) return;
   const int64_t n_runs = std::min<int64_t>(1024, std::max<int64_t>(16, numel / 4096));
   const int64_t n_sample = n_runs * kSampleRun;
   const double expected = static_cast<double>(n_sample) * static_cast<double>(k) / numel;
   const double margin = 4.0 * std::sqrt(expected) + 4.0;
   const int64_t rank_low = static_cast<int64_t>(std::ceil(expected + margin));
-  const int64_t rank_high = static_cast<int64_t>(std::floor(expected - margin));
   if (rank_low >= n_sample) return;  // nearly everything is selected: a bracket saves nothing
-  const int64_t stride = numel / n_runs;  // >= 2048 > kSampleRun
-  std::vector<Key> sample(n_sample);
+  plan.rank_low = rank_low;
+  plan.rank_high = static_cast<int64_t>(std::floor(expected - margin));
+  const int64_t stride = numel / n_runs;  // >= 1024 > kSampleRun
+  plan.sample.resize(static_cast<size_t>(n_sample));
   for (int64_t r = 0; r < n_runs; ++r) {
     for (int64_t i = 0; i < kSampleRun; ++i) {
-      sample[r * kSampleRun + i] = format::magnitude_key(x[r * stride + i]);
+      plan.sample[r * kSampleRun + i] = format::magnitude_key(x[r * stride + i]);
     }
+  }
+  plan.sample_copy = plan.sample;
+}
+
+// Sampling, part 2: `upper` false sets the bracket's lower end (the candidates' bound) from the
+// sample; `upper` true its upper end and the histogram's top, from the copy. The two calls write
+// different fields and can run at the same time.
+template <class Key>
+void bracket_from_sample(PackLayerPlan<Key>& plan, bool upper) {
+  if (plan.rank_low < 0) return;
+  if (!upper) {
+    std::vector<Key>& sample = plan.sample;
+    std::nth_element(sample.begin(), sample.begin() + plan.rank_low, sample.end(), std::greater<Key>());
+    plan.low = sample[plan.rank_low];
+    plan.sparse = (plan.rank_low + 1) * kSparseCandidateRatio < static_cast<int64_t>(sample.size());
+    return;
   }
   // The histogram spans the sampled keys of the bracket; the few keys above the sample's largest
   // share the top bin.
+  std::vector<Key>& sample = plan.sample_copy;
   const Key sample_max = *std::max_element(sample.begin(), sample.end());
-  std::nth_element(sample.begin(), sample.begin() + rank_low, sample.end(), std::greater<Key>());
-  plan.low = sample[rank_low];
-  plan.sparse = (rank_low + 1) * kSparseCandidateRatio < n_sample;
-  if (rank_high >= 0) {
-    std::nth_element(sample.begin(), sample.begin() + rank_high, sample.begin() + rank_low,
-                     std::greater<Key>());
-    plan.high = sample[rank_high];
+  if (plan.rank_high >= 0) {
+    std::nth_element(sample.begin(), sample.begin() + plan.rank_high, sample.end(), std::greater<Key>());
+    plan.high = sample[plan.rank_high];
   }
   plan.top = std::min(plan.high, sample_max);
 }
@@ -530,7 +554,7 @@ void scan_chunk(const In* layer, const PackLayerPlan<Key>& plan, PackChunk<Key>&
   key_arena.used += lists.n_bracket;
   word_arena.used += n_words;
   if (plan.positions) position_arena.used += lists.n_kept;
-  histogram_keys(lists.keys, lists.n_bracket, plan.low, plan.shift, chunk.histogram);
+  histogram_keys(lists.keys, lists.n_bracket, plan.low, histogram_shift(plan), chunk.histogram);
 }
 
 // The bin of the summed histograms that holds the need-th largest bracket key.
@@ -811,11 +835,12 @@ void topk_pack_kernel(const In* buffer, const BucketLayout& layout, uint8_t* mes
   auto steps = [&]() {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t l = 0; l < n_layers; ++l) {
-      plan_layer_by_sampling(layer_data(l), layout.numels[l], layout.ks[l], plans[l]);
-      set_histogram_shift(plans[l]);
+      take_sample(layer_data(l), layout.numels[l], layout.ks[l], plans[l]);
       plans[l].positions = use_simd && std::is_same_v<In, float> && layout.value_kind == FloatKind::kFloat32 &&
                            !layout.sections[l].bitmap;
     }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < 2 * n_layers; ++item) bracket_from_sample(plans[item / 2], item % 2 == 1);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < n_chunks; ++c) {
       const int64_t l = chunks[c].layer;
@@ -827,6 +852,7 @@ void topk_pack_kernel(const In* buffer, const BucketLayout& layout, uint8_t* mes
       // Check each bracket; a misled one is widened to everything and its layer scanned again.
       for (int64_t l = 0; l < n_layers; ++l) {
         PackLayerPlan<Key>& plan = plans[l];
+        plan.shift = histogram_shift(plan);
         int64_t n_above_high = 0, n_bracket = 0;
         for (int64_t c = plan.first_chunk; c < plan.first_chunk + plan.n_chunks; ++c) {
           n_above_high += chunks[c].n_above_high;
@@ -838,7 +864,7 @@ void topk_pack_kernel(const In* buffer, const BucketLayout& layout, uint8_t* mes
           plan.high = std::numeric_limits<Key>::max();
           plan.top = plan.high;
           plan.sparse = false;
-          set_histogram_shift(plan);
+          plan.shift = histogram_shift(plan);
           plan.need = layout.ks[l];
           std::fill(redo.begin() + plan.first_chunk, redo.begin() + plan.first_chunk + plan.n_chunks, 1);
           any_redo = true;
