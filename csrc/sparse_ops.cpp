@@ -492,23 +492,53 @@ bool cpu_has_avx512() {
 }
 #endif
 
-// counts[b] = number of keys[0, n) in histogram bin b. Long lists are counted into four
-// interleaved histograms: consecutive keys often share a bin, and one histogram would make each
-// increment wait for the previous one's store.
+// bins[i] = histogram_bin(keys[i]) for i < n, a loop the compiler vectorises; the AVX-512 build
+// of it does 16 keys per step.
 template <class Key>
-void histogram_keys(const Key* keys, int64_t n, Key low, int shift, uint32_t* counts) {
+void histogram_bins(const Key* keys, int64_t n, Key low, int shift, uint8_t* bins) {
+  for (int64_t i = 0; i < n; ++i) bins[i] = static_cast<uint8_t>(histogram_bin(keys[i], low, shift));
+}
+#ifdef GCOMP_AVX512_PACK
+__attribute__((target("avx512f,avx512bw"))) void histogram_bins_avx512(const uint32_t* keys, int64_t n,
+                                                                     uint32_t low, int shift, uint8_t* bins) {
+  for (int64_t i = 0; i < n; ++i) bins[i] = static_cast<uint8_t>(histogram_bin(keys[i], low, shift));
+}
+#endif
+
+// counts[b] = number of keys[0, n) in histogram bin b. Long lists get their bins computed a
+// block at a time (vectorised), then counted into four interleaved histograms.
+template <class Key>
+void histogram_keys(const Key* keys, int64_t n, Key low, int shift, uint32_t* counts, bool use_simd) {
   std::fill(counts, counts + kHistogramBins, 0u);
   if (n < 4 * kHistogramBins) {
     for (int64_t j = 0; j < n; ++j) ++counts[histogram_bin(keys[j], low, shift)];
     return;
   }
+  constexpr int64_t kBlock = 256;
   uint32_t partial[4][kHistogramBins] = {};
+  uint8_t bins[kBlock];
   int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    ++partial[0][histogram_bin(keys[j], low, shift)];
-    ++partial[1][histogram_bin(keys[j + 1], low, shift)];
-    ++partial[2][histogram_bin(keys[j + 2], low, shift)];
-    ++partial[3][histogram_bin(keys[j + 3], low, shift)];
+  for (; j + kBlock <= n; j += kBlock) {
+#ifdef GCOMP_AVX512_PACK
+    if constexpr (std::is_same_v<Key, uint32_t>) {
+      if (use_simd) {
+        histogram_bins_avx512(keys + j, kBlock, low, shift, bins);
+      } else {
+        histogram_bins(keys + j, kBlock, low, shift, bins);
+      }
+    } else {
+      histogram_bins(keys + j, kBlock, low, shift, bins);
+    }
+#else
+    (void)use_simd;
+    histogram_bins(keys + j, kBlock, low, shift, bins);
+#endif
+    for (int64_t i = 0; i < kBlock; i += 4) {
+      ++partial[0][bins[i]];
+      ++partial[1][bins[i + 1]];
+      ++partial[2][bins[i + 2]];
+      ++partial[3][bins[i + 3]];
+    }
   }
   for (; j < n; ++j) ++partial[0][histogram_bin(keys[j], low, shift)];
   for (int b = 0; b < kHistogramBins; ++b) counts[b] = partial[0][b] + partial[1][b] + partial[2][b] + partial[3][b];
@@ -554,7 +584,7 @@ void scan_chunk(const In* layer, const PackLayerPlan<Key>& plan, PackChunk<Key>&
   key_arena.used += lists.n_bracket;
   word_arena.used += n_words;
   if (plan.positions) position_arena.used += lists.n_kept;
-  histogram_keys(lists.keys, lists.n_bracket, plan.low, histogram_shift(plan), chunk.histogram);
+  histogram_keys(lists.keys, lists.n_bracket, plan.low, histogram_shift(plan), chunk.histogram, use_simd);
 }
 
 // The bin of the summed histograms that holds the need-th largest bracket key.
