@@ -7,7 +7,8 @@ same run, so ratios stay meaningful on a noisy shared machine; absolute numbers 
 Throughput is GB/s of input read: the dense float32 buffer for pack, the gathered messages for
 unpack (``--messages`` of them, added into one float32 buffer, as after an allgather). Each case
 reports the median and the best of its timed calls; throughputs and ratios use the best, which
-is the least disturbed by other processes on a shared machine.
+is the least disturbed by other processes on a shared machine. A native kernel and its memcpy
+are timed in alternation (call, copy, call, copy, ...), so both see the same machine.
 
     python benchmarks/bench_kernels.py --quick                 # 1M and 4M elements (CI)
     python benchmarks/bench_kernels.py --json runs/kernels.json
@@ -42,6 +43,19 @@ def time_call(fn: Callable[[], object], repeats: int) -> dict[str, float]:
     return {"median_ms": statistics.median(samples), "best_ms": min(samples)}
 
 
+def time_alternating(first: Callable[[], object], second: Callable[[], object], repeats: int) -> tuple[dict, dict]:
+    """time_call for two functions whose calls alternate, so a busy spell slows both alike."""
+    first()
+    second()
+    samples: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for fn, out in ((first, samples[0]), (second, samples[1])):
+            start = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - start) * 1e3)
+    return tuple({"median_ms": statistics.median(s), "best_ms": min(s)} for s in samples)  # type: ignore[return-value]
+
+
 def gigabytes_per_second(n_bytes: int, milliseconds: float) -> float:
     return n_bytes / (milliseconds * 1e-3) / 1e9
 
@@ -64,19 +78,28 @@ def bench_case(numel: int, density: float, n_messages: int, repeats: int, twin_r
     unpack_bytes = messages.numel()
     dense_copy = torch.empty_like(buffer)
     message_copy = torch.empty_like(messages)
+    def pack_memcpy() -> None:
+        dense_copy.copy_(buffer)
+
+    def unpack_memcpy() -> None:
+        message_copy.copy_(messages)
+
     timings = {
-        "pack_memcpy": time_call(lambda: dense_copy.copy_(buffer), repeats),
-        "unpack_memcpy": time_call(lambda: message_copy.copy_(messages), repeats),
         "pack_twin": time_call(lambda: reference.topk_pack(buffer, *layer), twin_repeats),
         "unpack_twin": time_call(
             lambda: reference.sparse_unpack_add_(out, messages, *layer, 0.25), twin_repeats
         ),
     }
     if native:
-        timings["pack_native"] = time_call(lambda: torch.ops.gcomp.topk_pack(buffer, *layer), repeats)
-        timings["unpack_native"] = time_call(
-            lambda: torch.ops.gcomp.sparse_unpack_add_(out, messages, *layer, 0.25), repeats
+        timings["pack_native"], timings["pack_memcpy"] = time_alternating(
+            lambda: torch.ops.gcomp.topk_pack(buffer, *layer), pack_memcpy, repeats
         )
+        timings["unpack_native"], timings["unpack_memcpy"] = time_alternating(
+            lambda: torch.ops.gcomp.sparse_unpack_add_(out, messages, *layer, 0.25), unpack_memcpy, repeats
+        )
+    else:
+        timings["pack_memcpy"] = time_call(pack_memcpy, repeats)
+        timings["unpack_memcpy"] = time_call(unpack_memcpy, repeats)
     for name, timing in timings.items():
         n_bytes = pack_bytes if name.startswith("pack") else unpack_bytes
         row[name] = {**timing, "gb_per_s": gigabytes_per_second(n_bytes, timing["best_ms"])}
@@ -117,7 +140,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1M and 4M elements only (CI)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     parser.add_argument("--messages", type=int, default=4, help="messages added per unpack (world size)")
-    parser.add_argument("--repeats", type=int, default=15, help="timed calls per native/memcpy case")
+    parser.add_argument(
+        "--repeats", type=int, default=None,
+        help="timed calls per native/memcpy case (default: 256 at 1M elements, fewer for larger ones, at least 4)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
     if args.threads is not None:
@@ -126,15 +152,10 @@ def main() -> None:
     rows = []
     for numel in QUICK_SIZES if args.quick else FULL_SIZES:
         large = numel >= 1 << 26  # the twin takes seconds here: time it once
+        repeats = args.repeats if args.repeats is not None else max(4, (1 << 28) // numel)
         for density in DENSITIES:
             rows.append(
-                bench_case(
-                    numel,
-                    density,
-                    args.messages,
-                    repeats=3 if large else args.repeats,
-                    twin_repeats=1 if large else 5,
-                )
+                bench_case(numel, density, args.messages, repeats=repeats, twin_repeats=1 if large else 5)
             )
     report = {
         "benchmark": "sparse top-k pack/unpack kernels",
