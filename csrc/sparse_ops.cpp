@@ -127,10 +127,6 @@ struct PackLayerPlan {
   bool positions = false;                      // the scan also lists each candidate's place in its chunk
   Key top = std::numeric_limits<Key>::max();   // histogram range [low, top]; keys above go to the top bin
   int shift = 0;                               // see histogram_bin
-  // The sample (two copies, so that the two order statistics can be found by two threads at once)
-  // and the ranks that bracket the k-th largest key in it.
-  std::vector<Key> sample, sample_copy;
-  int64_t rank_low = -1, rank_high = -1;
   int64_t first_chunk = 0;
   int64_t n_chunks = 0;
   int64_t need = 0;        // entries to take from the bracket: k minus the keys above `high`
@@ -199,56 +195,47 @@ void publish_lists(ListBases<In, Key>& bases) {
   bases.positions[t] = thread_arena<uint16_t, kPositionList>().data.get();
 }
 
-// Sampling, part 1 (one layer): sets the plan's defaults (no bracket) and, for large layers,
-// takes a sample of keys: runs of kSampleRun consecutive elements (one cache line) at a fixed stride.
+// One end of a layer's bracket, from a sample of its keys: runs of kSampleRun consecutive elements
+// (one cache line) at a fixed stride. `upper` false sets the lower end (the candidates' bound) and
+// the sparse flag, `upper` true the upper end and the histogram's top. The two calls write
+// different fields, so two threads can take them at once (each takes the same sample).
 template <class In, class Key>
-void take_sample(const In* x, int64_t numel, int64_t k, PackLayerPlan<Key>& plan) {
-  plan.low = 0;
-  plan.high = std::numeric_limits<Key>::max();
-  plan.top = plan.high;
-  plan.sparse = false;
-  plan.rank_low = plan.rank_high = -1;
-  plan.sample.clear();
-  plan.sample_copy.clear();
+void bracket_from_sample(const In* x, int64_t numel, int64_t k, PackLayerPlan<Key>& plan, bool upper) {
+  if (upper) {
+    plan.high = std::numeric_limits<Key>::max();
+    plan.top = plan.high;
+  } else {
+    plan.low = 0;
+    plan.sparse = false;
+  }
   if (numel < kSampleMinNumel) return;
   const int64_t n_runs = std::min<int64_t>(1024, std::max<int64_t>(16, numel / 4096));
   const int64_t n_sample = n_runs * kSampleRun;
   const double expected = static_cast<double>(n_sample) * static_cast<double>(k) / numel;
   const double margin = 4.0 * std::sqrt(expected) + 4.0;
   const int64_t rank_low = static_cast<int64_t>(std::ceil(expected + margin));
+  const int64_t rank_high = static_cast<int64_t>(std::floor(expected - margin));
   if (rank_low >= n_sample) return;  // nearly everything is selected: a bracket saves nothing
-  plan.rank_low = rank_low;
-  plan.rank_high = static_cast<int64_t>(std::floor(expected - margin));
-  const int64_t stride = numel / n_runs;  // >= 1024 > kSampleRun
-  plan.sample.resize(static_cast<size_t>(n_sample));
+  const int64_t stride = numel / n_runs;  // >= 2048 > kSampleRun
+  static thread_local std::vector<Key> sample;
+  sample.resize(static_cast<size_t>(n_sample));
   for (int64_t r = 0; r < n_runs; ++r) {
     for (int64_t i = 0; i < kSampleRun; ++i) {
-      plan.sample[r * kSampleRun + i] = format::magnitude_key(x[r * stride + i]);
+      sample[r * kSampleRun + i] = format::magnitude_key(x[r * stride + i]);
     }
   }
-  plan.sample_copy = plan.sample;
-}
-
-// Sampling, part 2: `upper` false sets the bracket's lower end (the candidates' bound) from the
-// sample; `upper` true its upper end and the histogram's top, from the copy. The two calls write
-// different fields and can run at the same time.
-template <class Key>
-void bracket_from_sample(PackLayerPlan<Key>& plan, bool upper) {
-  if (plan.rank_low < 0) return;
   if (!upper) {
-    std::vector<Key>& sample = plan.sample;
-    std::nth_element(sample.begin(), sample.begin() + plan.rank_low, sample.end(), std::greater<Key>());
-    plan.low = sample[plan.rank_low];
-    plan.sparse = (plan.rank_low + 1) * kSparseCandidateRatio < static_cast<int64_t>(sample.size());
+    std::nth_element(sample.begin(), sample.begin() + rank_low, sample.end(), std::greater<Key>());
+    plan.low = sample[rank_low];
+    plan.sparse = (rank_low + 1) * kSparseCandidateRatio < n_sample;
     return;
   }
   // The histogram spans the sampled keys of the bracket; the few keys above the sample's largest
   // share the top bin.
-  std::vector<Key>& sample = plan.sample_copy;
   const Key sample_max = *std::max_element(sample.begin(), sample.end());
-  if (plan.rank_high >= 0) {
-    std::nth_element(sample.begin(), sample.begin() + plan.rank_high, sample.end(), std::greater<Key>());
-    plan.high = sample[plan.rank_high];
+  if (rank_high >= 0) {
+    std::nth_element(sample.begin(), sample.begin() + rank_high, sample.end(), std::greater<Key>());
+    plan.high = sample[rank_high];
   }
   plan.top = std::min(plan.high, sample_max);
 }
@@ -397,6 +384,17 @@ __attribute__((target("avx512f,popcnt"))) int64_t collect_range_avx512(const uin
   return count;
 }
 
+// The next popcount(word) bits of the taken stream, from bit `cursor` on, moved to the positions
+// of the word's set bits.
+__attribute__((target("bmi2"))) inline uint64_t spread_taken_bits(const uint16_t* taken, int64_t cursor,
+                                                                 uint64_t word) {
+  uint64_t low_bits, high_bits;
+  std::memcpy(&low_bits, taken + 4 * (cursor >> 6), sizeof(low_bits));
+  std::memcpy(&high_bits, taken + 4 * (cursor >> 6) + 4, sizeof(high_bits));
+  const int shift = static_cast<int>(cursor & 63);
+  return _pdep_u64((low_bits >> shift) | ((high_bits << 1) << (63 - shift)), word);
+}
+
 // Step 4 for float32 values. The chunk's candidates are walked 16 at a time: the taken ones are
 // compressed and stored, and so are their places (bit-packed layers, which listed them in the
 // scan). Bitmap layers keep the taken bits as a stream instead, which a second, branch-free loop
@@ -461,27 +459,20 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt,bmi,bmi2")))
   }
   if (bitmap == nullptr) return;
   std::fill(taken + n_groups, taken + n_groups + 8, uint16_t(0));  // read (and unused) past the end
-  const int64_t n_words = ceil_div(length, kWordElements);
   const int64_t full_words = length / kWordElements;
-  int64_t cursor = 0;  // candidates of the words before b
-  for (int64_t b = 0; b < n_words; ++b) {
+  uint8_t* bytes = bitmap + chunk_begin / 8;  // little-endian: a word's bytes are the bitmap's bytes
+  int64_t cursor = 0;                         // candidates of the words before b
+  for (int64_t b = 0; b < full_words; ++b) {
     const uint64_t word = words[b];
-    // The next popcount(word) taken bits, from bit `cursor` of the stream on.
-    uint64_t low_bits, high_bits;
-    std::memcpy(&low_bits, taken + 4 * (cursor >> 6), sizeof(low_bits));
-    std::memcpy(&high_bits, taken + 4 * (cursor >> 6) + 4, sizeof(high_bits));
-    const int shift = static_cast<int>(cursor & 63);
-    const uint64_t stream = (low_bits >> shift) | ((high_bits << 1) << (63 - shift));
-    const uint64_t take = _pdep_u64(stream, word);
-    uint8_t* bytes = bitmap + (chunk_begin + b * kWordElements) / 8;  // little-endian: word bytes = bitmap bytes
-    if (b < full_words) {
-      std::memcpy(bytes, &take, sizeof(take));
-    } else {
-      for (int64_t byte = 0; byte < ceil_div(length - b * kWordElements, 8); ++byte) {
-        bytes[byte] = static_cast<uint8_t>(take >> (8 * byte));
-      }
-    }
+    const uint64_t take = spread_taken_bits(taken, cursor, word);
+    std::memcpy(bytes + 8 * b, &take, sizeof(take));
     cursor += __builtin_popcountll(word);
+  }
+  if (full_words * kWordElements < length) {  // the layer's last, partial word
+    const uint64_t take = spread_taken_bits(taken, cursor, words[full_words]);
+    for (int64_t byte = 0; byte < ceil_div(length - full_words * kWordElements, 8); ++byte) {
+      bytes[8 * full_words + byte] = static_cast<uint8_t>(take >> (8 * byte));
+    }
   }
 }
 
@@ -838,6 +829,8 @@ void topk_pack_kernel(const In* buffer, const BucketLayout& layout, uint8_t* mes
     plans[l].first_chunk = n_chunks;
     plans[l].n_chunks = ceil_div(layout.numels[l], kChunkElements);
     n_chunks += plans[l].n_chunks;
+    plans[l].positions = use_simd && std::is_same_v<In, float> && layout.value_kind == FloatKind::kFloat32 &&
+                         !layout.sections[l].bitmap;
   }
   std::vector<PackChunk<Key>> chunks(static_cast<size_t>(n_chunks));
   for (int64_t l = 0; l < n_layers; ++l) {
@@ -864,13 +857,10 @@ void topk_pack_kernel(const In* buffer, const BucketLayout& layout, uint8_t* mes
   // whole, without the team's barriers (each of which costs a system call).
   auto steps = [&]() {
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t l = 0; l < n_layers; ++l) {
-      take_sample(layer_data(l), layout.numels[l], layout.ks[l], plans[l]);
-      plans[l].positions = use_simd && std::is_same_v<In, float> && layout.value_kind == FloatKind::kFloat32 &&
-                           !layout.sections[l].bitmap;
+    for (int64_t item = 0; item < 2 * n_layers; ++item) {
+      const int64_t l = item / 2;
+      bracket_from_sample(layer_data(l), layout.numels[l], layout.ks[l], plans[l], item % 2 == 1);
     }
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < 2 * n_layers; ++item) bracket_from_sample(plans[item / 2], item % 2 == 1);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < n_chunks; ++c) {
       const int64_t l = chunks[c].layer;
