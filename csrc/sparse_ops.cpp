@@ -219,6 +219,8 @@ void bracket_from_sample(const In* x, int64_t numel, int64_t k, PackLayerPlan<Ke
   const int64_t stride = numel / n_runs;  // >= 2048 > kSampleRun
   static thread_local std::vector<Key> sample;
   sample.resize(static_cast<size_t>(n_sample));
+  // The runs are far apart (cache misses each): ask for all of them before reading any.
+  for (int64_t r = 0; r < n_runs; ++r) __builtin_prefetch(x + r * stride);
   for (int64_t r = 0; r < n_runs; ++r) {
     for (int64_t i = 0; i < kSampleRun; ++i) {
       sample[r * kSampleRun + i] = format::magnitude_key(x[r * stride + i]);
@@ -752,7 +754,7 @@ struct FinishUnit {
   int64_t first_group;
   int64_t end_group;
 };
-constexpr int64_t kGroupsPerUnit = 512;
+constexpr int64_t kGroupsPerUnit = 128;
 
 std::vector<FinishUnit> finish_units(const BucketLayout& layout) {
   std::vector<FinishUnit> units;
