@@ -785,8 +785,29 @@ void finish_unit(const FinishUnit& unit, const BucketLayout& layout, const int64
   const int64_t first = unit.first_group * format::kIndexGroup;
   const int64_t last = std::min(k, unit.end_group * format::kIndexGroup);
 #if defined(__SIZEOF_INT128__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-  // Consecutive groups are consecutive bytes, so the unit is one bit stream: indices go into a
-  // 128-bit accumulator (an index has at most 56 bits), flushed 64 bits at a time.
+  // Consecutive groups are consecutive bytes, so the unit is one bit stream.
+  if (bits <= 32) {
+    // Indices go into a 64-bit accumulator whose low 32 bits are stored after every index and
+    // kept (the accumulator shifted on) once complete: no branch per index. Stores run up to 4
+    // bytes past the unit's stream, so they go to a staging buffer first.
+    uint8_t staging[kGroupsPerUnit * 32 + 16];
+    uint8_t* cursor = staging;
+    uint64_t pending = 0;
+    int pending_bits = 0;
+    for (int64_t j = first; j < last; ++j) {
+      pending |= static_cast<uint64_t>(selected[j]) << pending_bits;
+      pending_bits += bits;
+      std::memcpy(cursor, &pending, 4);
+      const int full = pending_bits >> 5;  // 0 or 1
+      cursor += 4 * full;
+      pending >>= 32 * full;
+      pending_bits -= 32 * full;
+    }
+    std::memcpy(cursor, &pending, sizeof(pending));
+    std::memcpy(out, staging, static_cast<size_t>(ceil_div((last - first) * bits, 8)));
+    return;
+  }
+  // Wider indices (up to 56 bits) go into a 128-bit accumulator, flushed 64 bits at a time.
   unsigned __int128 pending = 0;
   int pending_bits = 0;
   for (int64_t j = first; j < last; ++j) {
@@ -858,17 +879,24 @@ void topk_pack_kernel(const In* buffer, const BucketLayout& layout, uint8_t* mes
   // small calls, by the calling thread alone: outside a parallel region the same loops run
   // whole, without the team's barriers (each of which costs a system call).
   auto steps = [&]() {
+    const int team = omp_get_num_threads();
+    auto first_chunk_of = [&](int t) { return n_chunks * t / team; };
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < 2 * n_layers; ++item) {
       const int64_t l = item / 2;
       bracket_from_sample(layer_data(l), layout.numels[l], layout.ks[l], plans[l], item % 2 == 1);
     }
-#pragma omp for schedule(static)
-    for (int64_t c = 0; c < n_chunks; ++c) {
+    // Scan and write-out split the chunks alike (a contiguous run per thread), so each thread
+    // reads back the lists it wrote, and the message entries it writes are contiguous too.
+    const int thread = omp_get_thread_num();
+    const int64_t my_first_chunk = first_chunk_of(thread);
+    const int64_t my_end_chunk = first_chunk_of(thread + 1);
+    for (int64_t c = my_first_chunk; c < my_end_chunk; ++c) {
       const int64_t l = chunks[c].layer;
       scan_chunk(layer_data(l), plans[l], chunks[c], use_simd);
     }
     publish_lists(bases);
+#pragma omp barrier
 #pragma omp single
     {
       // Check each bracket; a misled one is widened to everything and its layer scanned again.
@@ -912,15 +940,26 @@ void topk_pack_kernel(const In* buffer, const BucketLayout& layout, uint8_t* mes
     for (int64_t c = 0; c < n_chunks; ++c) collect_bin(plans[chunks[c].layer], bases, chunks[c], use_simd);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t l = 0; l < n_layers; ++l) settle_layer(plans[l], chunks.data());
-#pragma omp for schedule(static)
-    for (int64_t c = 0; c < n_chunks; ++c) {
+    for (int64_t c = my_first_chunk; c < my_end_chunk; ++c) {
       const int64_t l = chunks[c].layer;
       emit_chunk(chunks[c], plans[l], bases, layout.sections[l], layout.value_kind, message,
                  selected + layout.entry_base[l], use_simd);
     }
-#pragma omp for schedule(dynamic, 1)
-    for (size_t u = 0; u < units.size(); ++u) {
-      finish_unit(units[u], layout, selected + layout.entry_base[units[u].layer], message);
+#pragma omp barrier
+    // Each unit is packed by the thread that wrote (most of) its indices: the one whose run of
+    // chunks holds the unit's first entry.
+    auto first_entry_of = [&](int t) {
+      const int64_t c = first_chunk_of(t);
+      return c < n_chunks ? layout.entry_base[chunks[c].layer] + chunks[c].out_base : layout.total_entries();
+    };
+    const int64_t my_first_entry = first_entry_of(thread);
+    const int64_t my_end_entry = first_entry_of(thread + 1);
+    for (const FinishUnit& unit : units) {
+      // (Every layer has an entry, k >= 1, so the ranges of the threads cover every unit once.)
+      const int64_t entry = layout.entry_base[unit.layer] + unit.first_group * format::kIndexGroup;
+      if (entry >= my_first_entry && entry < my_end_entry) {
+        finish_unit(unit, layout, selected + layout.entry_base[unit.layer], message);
+      }
     }
     thread_arena<In, kValueList>().trim();
     thread_arena<Key, kKeyList>().trim();
