@@ -212,7 +212,7 @@ void bracket_from_sample(const In* x, int64_t numel, int64_t k, PackLayerPlan<Ke
   const int64_t n_runs = std::min<int64_t>(1024, std::max<int64_t>(16, numel / 4096));
   const int64_t n_sample = n_runs * kSampleRun;
   const double expected = static_cast<double>(n_sample) * static_cast<double>(k) / numel;
-  const double margin = 4.0 * std::sqrt(expected) + 4.0;
+  const double margin = 3.0 * std::sqrt(expected) + 3.0;
   const int64_t rank_low = static_cast<int64_t>(std::ceil(expected + margin));
   const int64_t rank_high = static_cast<int64_t>(std::floor(expected - margin));
   if (rank_low >= n_sample) return;  // nearly everything is selected: a bracket saves nothing
@@ -388,13 +388,16 @@ __attribute__((target("avx512f,popcnt"))) int64_t collect_range_avx512(const uin
 
 // The next popcount(word) bits of the taken stream, from bit `cursor` on, moved to the positions
 // of the word's set bits.
-__attribute__((target("bmi2"))) inline uint64_t spread_taken_bits(const uint16_t* taken, int64_t cursor,
-                                                                 uint64_t word) {
+inline uint64_t read_taken_window(const uint16_t* taken, int64_t cursor) {  // stream bits [cursor, cursor + 64)
   uint64_t low_bits, high_bits;
   std::memcpy(&low_bits, taken + 4 * (cursor >> 6), sizeof(low_bits));
   std::memcpy(&high_bits, taken + 4 * (cursor >> 6) + 4, sizeof(high_bits));
   const int shift = static_cast<int>(cursor & 63);
-  return _pdep_u64((low_bits >> shift) | ((high_bits << 1) << (63 - shift)), word);
+  return (low_bits >> shift) | ((high_bits << 1) << (63 - shift));
+}
+__attribute__((target("bmi2"))) inline uint64_t spread_taken_bits(const uint16_t* taken, int64_t cursor,
+                                                                 uint64_t word) {
+  return _pdep_u64(read_taken_window(taken, cursor), word);
 }
 
 // Step 4 for float32 values. The chunk's candidates are walked 16 at a time: the taken ones are
@@ -464,7 +467,20 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt,bmi,bmi2")))
   const int64_t full_words = length / kWordElements;
   uint8_t* bytes = bitmap + chunk_begin / 8;  // little-endian: a word's bytes are the bitmap's bytes
   int64_t cursor = 0;                         // candidates of the words before b
-  for (int64_t b = 0; b < full_words; ++b) {
+  int64_t b = 0;
+  // Two words per step share one 64-bit window of the stream while their candidates fit in it.
+  for (; b + 2 <= full_words; b += 2) {
+    const uint64_t first = words[b], second = words[b + 1];
+    const int n_first = __builtin_popcountll(first), n_second = __builtin_popcountll(second);
+    const uint64_t window = read_taken_window(taken, cursor);
+    const uint64_t take_first = _pdep_u64(window, first);
+    const uint64_t take_second = n_first + n_second <= 63 ? _pdep_u64(window >> n_first, second)
+                                                         : spread_taken_bits(taken, cursor + n_first, second);
+    std::memcpy(bytes + 8 * b, &take_first, sizeof(take_first));
+    std::memcpy(bytes + 8 * b + 8, &take_second, sizeof(take_second));
+    cursor += n_first + n_second;
+  }
+  for (; b < full_words; ++b) {
     const uint64_t word = words[b];
     const uint64_t take = spread_taken_bits(taken, cursor, word);
     std::memcpy(bytes + 8 * b, &take, sizeof(take));
