@@ -17,6 +17,7 @@ State that must survive DDP's bucket rebuilds and checkpoint/restore is kept per
 (:mod:`gcomp.hooks.layout`), split into *replicated* tensors (identical on every rank, e.g.
 PowerSGD's Q) and *per-rank* tensors (e.g. error-feedback residuals).
 """
+import math
 import warnings
 import zlib
 from abc import ABC, abstractmethod
@@ -36,12 +37,16 @@ class HookState(ABC):
     """Base class of every gcomp hook state.
 
     Subclasses set ``method``, implement :meth:`reduce` and :meth:`config`, and list the names of
-    their per-layer tensors in ``replicated_tensors`` / ``per_rank_tensors``.
+    their per-layer tensors in ``replicated_tensors`` / ``per_rank_tensors``, and among those the
+    ones measured in gradient units (error-feedback residuals, gradient estimates, momenta) in
+    ``gradient_valued_tensors``: :meth:`set_gradient_scale` rescales them when the loss scale
+    changes.
     """
 
     method: ClassVar[str] = "base"
     replicated_tensors: ClassVar[tuple[str, ...]] = ()
     per_rank_tensors: ClassVar[tuple[str, ...]] = ()
+    gradient_valued_tensors: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -72,6 +77,10 @@ class HookState(ABC):
         # ``controller.on_step_end(steps)`` runs after every completed step (adaptive settings).
         self.observer: Optional[Callable[[str, tuple[int, ...], torch.Tensor], None]] = None
         self.controller: Optional[Any] = None
+        # Loss scale of the gradients DDP hands over (see set_gradient_scale): the one asked for
+        # next, and the one the stored gradient-valued tensors are in (None: not known yet).
+        self._requested_gradient_scale: Optional[float] = None
+        self._gradient_scale: Optional[float] = None
 
     # ------------------------------------------------------------------ to implement in subclasses
     def config(self) -> dict[str, Any]:
@@ -118,6 +127,7 @@ class HookState(ABC):
                 for name, tensors in self.layer_state.items()
             },
             "controller": self.controller.state_dict() if self.controller is not None else None,
+            "gradient_scale": self._gradient_scale,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -155,10 +165,33 @@ class HookState(ABC):
         }
         if self.controller is not None and state.get("controller") is not None:
             self.controller.load_state_dict(state["controller"])
+        saved_scale = state.get("gradient_scale")
+        self._gradient_scale = float(saved_scale) if saved_scale is not None else None
+        self._requested_gradient_scale = self._gradient_scale
 
     def close(self) -> None:
         """Stop the communication thread (call before ``destroy_process_group``)."""
         self.worker.close()
+
+    def set_gradient_scale(self, scale: float) -> None:
+        """Declare the factor the coming backward passes multiply gradients by (with AMP:
+        ``scaler.get_scale()``), before those passes; call it before every backward, or whenever
+        the scale may have changed.
+
+        Error-feedback buffers carry gradient-sized values from one step to the next. With
+        ``GradScaler`` those are scaled gradients, and when the scaler changes its scale (halving
+        it after an overflow, growing it every ``growth_interval`` steps) the stored buffers would
+        be off by the ratio. On the next reduction the state multiplies them by
+        ``new scale / old scale`` first (on the communication thread, in step order), so the
+        feedback stays exact. The scale is saved with :meth:`state_dict`.
+        """
+        if isinstance(scale, torch.Tensor):
+            if scale.numel() != 1:
+                raise ValueError(f"set_gradient_scale expects a single number; got a tensor of shape {tuple(scale.shape)}")
+            scale = float(scale.item())
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"set_gradient_scale expects a finite number > 0 (the loss scale); got {scale!r}")
+        self._requested_gradient_scale = float(scale)
 
     # ------------------------------------------------------------------ helpers for subclasses
     def stage(self, commit: Callable[[], None]) -> None:
@@ -206,7 +239,8 @@ class HookState(ABC):
         is_last = bucket.is_last()
         if is_last:
             self.step += 1
-        return self.worker.submit(lambda: self._reduce_job(buffer, layout, step, is_last))
+        scale = self._requested_gradient_scale  # read here: every bucket of a backward sees the same
+        return self.worker.submit(lambda: self._reduce_job(buffer, layout, step, is_last, scale))
 
     def _layout_for(self, bucket: dist.GradBucket) -> BucketLayout:
         params = bucket.parameters()
@@ -216,7 +250,11 @@ class HookState(ABC):
             layout = self._layouts[key] = BucketLayout.from_bucket(bucket, self._param_names)
         return layout
 
-    def _reduce_job(self, buffer: torch.Tensor, layout: BucketLayout, step: int, is_last: bool) -> torch.Tensor:
+    def _reduce_job(
+        self, buffer: torch.Tensor, layout: BucketLayout, step: int, is_last: bool, scale: Optional[float] = None
+    ) -> torch.Tensor:
+        if scale is not None and scale != self._gradient_scale:
+            self._rescale_gradient_valued(scale)
         if not self._config_verified:
             self._verify_config()
         fingerprint = layout.fingerprint()
@@ -234,6 +272,17 @@ class HookState(ABC):
         if is_last:
             self._finish_step()
         return result
+
+    def _rescale_gradient_valued(self, scale: float) -> None:
+        """Bring the stored gradient-valued tensors to loss scale ``scale`` (communication thread,
+        between steps: the previous step's updates are committed, this step's not yet staged)."""
+        if self._gradient_scale is not None:
+            ratio = scale / self._gradient_scale
+            for tensors in self.layer_state.values():
+                for key in self.gradient_valued_tensors:
+                    if key in tensors:
+                        tensors[key].mul_(ratio)
+        self._gradient_scale = scale
 
     def _finish_step(self) -> None:
         if self._step_finite:

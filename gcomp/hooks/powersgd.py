@@ -103,6 +103,7 @@ class PowerSGDState(HookState):
     method = "powersgd"
     replicated_tensors = ("q",)
     per_rank_tensors = ("error",)
+    gradient_valued_tensors = ("error",)  # Q only sets directions: P is orthonormalised
 
     def __init__(
         self,

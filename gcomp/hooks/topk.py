@@ -98,6 +98,7 @@ class TopKState(HookState):
     # Every tensor name a rule may store; the chosen rule uses a subset (see gcomp.feedback).
     replicated_tensors = (ESTIMATE,)
     per_rank_tensors = (ERROR, LOCAL_ESTIMATE, MOMENTUM)
+    gradient_valued_tensors = (ERROR, LOCAL_ESTIMATE, MOMENTUM, ESTIMATE)
 
     def __init__(
         self,
