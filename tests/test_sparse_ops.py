@@ -346,6 +346,26 @@ def test_native_exact_when_the_sample_misleads(trap, portable):
 
 
 @requires_native
+@pytest.mark.parametrize("trap", ["sample_sees_small", "sample_sees_large"])
+def test_native_exact_when_the_sample_misleads_on_two_threads(trap):
+    # As above with a layer large enough for two threads: the rescan, the threshold and the
+    # write-out then run on chunks another thread scanned first.
+    numel = 1 << 18
+    sampled = torch.arange(numel) % 1024 < 16
+    large = ~sampled if trap == "sample_sees_small" else sampled
+    x = torch.where(large, 100.0 + torch.arange(numel) % 7, torch.arange(numel) % 5 * 0.01)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for k in [1, 100, 5000, 26000, 131072]:
+            for value_dtype in (torch.float32, torch.float16):
+                native = torch.ops.gcomp.topk_pack(x, [0], [numel], [k], value_dtype)
+                assert torch.equal(native, reference.topk_pack(x, [0], [numel], [k], value_dtype)), (k, value_dtype)
+    finally:
+        torch.set_num_threads(before)
+
+
+@requires_native
 def test_native_result_does_not_depend_on_thread_count():
     generator = torch.Generator().manual_seed(4)
     x = torch.randn(300_000, generator=generator)
