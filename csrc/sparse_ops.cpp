@@ -386,15 +386,16 @@ __attribute__((target("avx512f,popcnt"))) int64_t collect_range_avx512(const uin
   return count;
 }
 
-// The next popcount(word) bits of the taken stream, from bit `cursor` on, moved to the positions
-// of the word's set bits.
-inline uint64_t read_taken_window(const uint16_t* taken, int64_t cursor) {  // stream bits [cursor, cursor + 64)
+// Bits [cursor, cursor + 64) of the taken stream (16 bits per group of candidates, see below).
+inline uint64_t read_taken_window(const uint16_t* taken, int64_t cursor) {
   uint64_t low_bits, high_bits;
   std::memcpy(&low_bits, taken + 4 * (cursor >> 6), sizeof(low_bits));
   std::memcpy(&high_bits, taken + 4 * (cursor >> 6) + 4, sizeof(high_bits));
   const int shift = static_cast<int>(cursor & 63);
   return (low_bits >> shift) | ((high_bits << 1) << (63 - shift));
 }
+// The next popcount(word) bits of the taken stream, from bit `cursor` on, moved to the positions
+// of the word's set bits.
 __attribute__((target("bmi2"))) inline uint64_t spread_taken_bits(const uint16_t* taken, int64_t cursor,
                                                                  uint64_t word) {
   return _pdep_u64(read_taken_window(taken, cursor), word);
@@ -501,18 +502,28 @@ bool cpu_has_avx512() {
 }
 #endif
 
-// bins[i] = histogram_bin(keys[i]) for i < n, a loop the compiler vectorises; the AVX-512 build
-// of it does 16 keys per step.
+// bins[i] = histogram_bin(keys[i]) for i < n, a loop the compiler vectorises; with use_simd
+// (32-bit keys) the same loop is built for AVX-512, 16 keys per step.
 template <class Key>
-void histogram_bins(const Key* keys, int64_t n, Key low, int shift, uint8_t* bins) {
+void histogram_bins_portable(const Key* keys, int64_t n, Key low, int shift, uint8_t* bins) {
   for (int64_t i = 0; i < n; ++i) bins[i] = static_cast<uint8_t>(histogram_bin(keys[i], low, shift));
 }
 #ifdef GCOMP_AVX512_PACK
 __attribute__((target("avx512f,avx512bw"))) void histogram_bins_avx512(const uint32_t* keys, int64_t n,
                                                                      uint32_t low, int shift, uint8_t* bins) {
-  for (int64_t i = 0; i < n; ++i) bins[i] = static_cast<uint8_t>(histogram_bin(keys[i], low, shift));
+  histogram_bins_portable(keys, n, low, shift, bins);  // inlined here, so built with AVX-512
 }
 #endif
+template <class Key>
+void histogram_bins(const Key* keys, int64_t n, Key low, int shift, uint8_t* bins, bool use_simd) {
+#ifdef GCOMP_AVX512_PACK
+  if constexpr (std::is_same_v<Key, uint32_t>) {
+    if (use_simd) return histogram_bins_avx512(keys, n, low, shift, bins);
+  }
+#endif
+  (void)use_simd;
+  histogram_bins_portable(keys, n, low, shift, bins);
+}
 
 // counts[b] = number of keys[0, n) in histogram bin b. Long lists get their bins computed a
 // block at a time (vectorised), then counted into four interleaved histograms.
@@ -528,20 +539,7 @@ void histogram_keys(const Key* keys, int64_t n, Key low, int shift, uint32_t* co
   uint8_t bins[kBlock];
   int64_t j = 0;
   for (; j + kBlock <= n; j += kBlock) {
-#ifdef GCOMP_AVX512_PACK
-    if constexpr (std::is_same_v<Key, uint32_t>) {
-      if (use_simd) {
-        histogram_bins_avx512(keys + j, kBlock, low, shift, bins);
-      } else {
-        histogram_bins(keys + j, kBlock, low, shift, bins);
-      }
-    } else {
-      histogram_bins(keys + j, kBlock, low, shift, bins);
-    }
-#else
-    (void)use_simd;
-    histogram_bins(keys + j, kBlock, low, shift, bins);
-#endif
+    histogram_bins(keys + j, kBlock, low, shift, bins, use_simd);
     for (int64_t i = 0; i < kBlock; i += 4) {
       ++partial[0][bins[i]];
       ++partial[1][bins[i + 1]];
