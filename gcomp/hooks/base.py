@@ -251,7 +251,7 @@ class HookState(ABC):
         return layout
 
     def _reduce_job(
-        self, buffer: torch.Tensor, layout: BucketLayout, step: int, is_last: bool, scale: Optional[float] = None
+        self, buffer: torch.Tensor, layout: BucketLayout, step: int, is_last: bool, scale: Optional[float]
     ) -> torch.Tensor:
         if scale is not None and scale != self._gradient_scale:
             self._rescale_gradient_valued(scale)
