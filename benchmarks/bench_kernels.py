@@ -8,7 +8,7 @@ Throughput is GB/s of input read: the dense float32 buffer for pack, the gathere
 unpack (``--messages`` of them, added into one float32 buffer, as after an allgather). Each case
 reports the median and the best of its timed calls; throughputs and ratios use the best, which
 is the least disturbed by other processes on a shared machine. A native kernel and its memcpy
-are timed in alternation (call, copy, call, copy, ...), so both see the same machine.
+are timed in alternation (copy, call, copy, call, ...), so both see the same machine.
 
     python benchmarks/bench_kernels.py --quick                 # 1M and 4M elements (CI)
     python benchmarks/bench_kernels.py --json runs/kernels.json
@@ -32,28 +32,18 @@ QUICK_SIZES = [1 << 20, 1 << 22]
 DENSITIES = [0.001, 0.01, 0.1]
 
 
-def time_call(fn: Callable[[], object], repeats: int) -> dict[str, float]:
-    """Median and best wall time in ms over ``repeats`` calls, after one warm-up call."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def time_calls(functions: list[Callable[[], object]], repeats: int) -> list[dict[str, float]]:
+    """Median and best wall time in ms over ``repeats`` calls of each function, after one warm-up
+    call each. The functions' calls alternate (f, g, f, g, ...), so a busy spell slows all alike."""
+    for fn in functions:
         fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return {"median_ms": statistics.median(samples), "best_ms": min(samples)}
-
-
-def time_alternating(first: Callable[[], object], second: Callable[[], object], repeats: int) -> tuple[dict, dict]:
-    """time_call for two functions whose calls alternate, so a busy spell slows both alike."""
-    first()
-    second()
-    samples: tuple[list[float], list[float]] = ([], [])
+    samples: list[list[float]] = [[] for _ in functions]
     for _ in range(repeats):
-        for fn, out in ((first, samples[0]), (second, samples[1])):
+        for fn, out in zip(functions, samples):
             start = time.perf_counter()
             fn()
             out.append((time.perf_counter() - start) * 1e3)
-    return tuple({"median_ms": statistics.median(s), "best_ms": min(s)} for s in samples)  # type: ignore[return-value]
+    return [{"median_ms": statistics.median(s), "best_ms": min(s)} for s in samples]
 
 
 def gigabytes_per_second(n_bytes: int, milliseconds: float) -> float:
@@ -78,28 +68,24 @@ def bench_case(numel: int, density: float, n_messages: int, repeats: int, twin_r
     unpack_bytes = messages.numel()
     dense_copy = torch.empty_like(buffer)
     message_copy = torch.empty_like(messages)
-    def pack_memcpy() -> None:
-        dense_copy.copy_(buffer)
-
-    def unpack_memcpy() -> None:
-        message_copy.copy_(messages)
-
-    timings = {
-        "pack_twin": time_call(lambda: reference.topk_pack(buffer, *layer), twin_repeats),
-        "unpack_twin": time_call(
-            lambda: reference.sparse_unpack_add_(out, messages, *layer, 0.25), twin_repeats
+    timings = {}
+    timings["pack_twin"], timings["unpack_twin"] = time_calls(
+        [lambda: reference.topk_pack(buffer, *layer), lambda: reference.sparse_unpack_add_(out, messages, *layer, 0.25)],
+        twin_repeats,
+    )
+    # Each native kernel alternates with its memcpy (the memcpy alone when the extension is absent).
+    for op, memcpy, kernel in (
+        ("pack", lambda: dense_copy.copy_(buffer), lambda: torch.ops.gcomp.topk_pack(buffer, *layer)),
+        (
+            "unpack",
+            lambda: message_copy.copy_(messages),
+            lambda: torch.ops.gcomp.sparse_unpack_add_(out, messages, *layer, 0.25),
         ),
-    }
-    if native:
-        timings["pack_native"], timings["pack_memcpy"] = time_alternating(
-            lambda: torch.ops.gcomp.topk_pack(buffer, *layer), pack_memcpy, repeats
-        )
-        timings["unpack_native"], timings["unpack_memcpy"] = time_alternating(
-            lambda: torch.ops.gcomp.sparse_unpack_add_(out, messages, *layer, 0.25), unpack_memcpy, repeats
-        )
-    else:
-        timings["pack_memcpy"] = time_call(pack_memcpy, repeats)
-        timings["unpack_memcpy"] = time_call(unpack_memcpy, repeats)
+    ):
+        results = time_calls([memcpy, kernel] if native else [memcpy], repeats)
+        timings[f"{op}_memcpy"] = results[0]
+        if native:
+            timings[f"{op}_native"] = results[1]
     for name, timing in timings.items():
         n_bytes = pack_bytes if name.startswith("pack") else unpack_bytes
         row[name] = {**timing, "gb_per_s": gigabytes_per_second(n_bytes, timing["best_ms"])}
