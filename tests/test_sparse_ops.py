@@ -329,37 +329,27 @@ def test_native_matches_reference_bitwise(bucket, n_messages, out_dtype, scale, 
 
 
 @requires_native
-@pytest.mark.parametrize("portable", [False, True], ids=["simd", "portable"])
+@pytest.mark.parametrize(
+    "numel, threads, portable",
+    [(1 << 17, 1, False), (1 << 17, 1, True), (1 << 18, 2, False)],
+    ids=["simd", "portable", "simd-two-threads"],
+)
 @pytest.mark.parametrize("trap", ["sample_sees_small", "sample_sees_large"])
-def test_native_exact_when_the_sample_misleads(trap, portable):
-    # Layers of 2^17 elements are sampled in runs of 16 at a stride of 1024; put the large values
-    # only outside (or only inside) those runs so the bracket from the sample is wrong.
-    numel = 1 << 17
+def test_native_exact_when_the_sample_misleads(trap, numel, threads, portable):
+    # Large layers are sampled in runs of 16 at a stride that is a multiple of 1024; put the large
+    # values only outside (or only inside) those runs so the bracket from the sample is wrong. On
+    # two threads the rescan, the threshold and the write-out meet chunks another thread scanned.
     position_in_run = torch.arange(numel) % 1024
     sampled = position_in_run < 16
     large = ~sampled if trap == "sample_sees_small" else sampled
     x = torch.where(large, 100.0 + torch.arange(numel) % 7, torch.arange(numel) % 5 * 0.01)
-    for k in [1, 100, 5000, 60000]:
-        with simd_disabled(portable):
-            native = torch.ops.gcomp.topk_pack(x, [0], [numel], [k], torch.float32)
-        assert torch.equal(native, reference.topk_pack(x, [0], [numel], [k], torch.float32)), k
-
-
-@requires_native
-@pytest.mark.parametrize("trap", ["sample_sees_small", "sample_sees_large"])
-def test_native_exact_when_the_sample_misleads_on_two_threads(trap):
-    # As above with a layer large enough for two threads: the rescan, the threshold and the
-    # write-out then run on chunks another thread scanned first.
-    numel = 1 << 18
-    sampled = torch.arange(numel) % 1024 < 16
-    large = ~sampled if trap == "sample_sees_small" else sampled
-    x = torch.where(large, 100.0 + torch.arange(numel) % 7, torch.arange(numel) % 5 * 0.01)
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
-        for k in [1, 100, 5000, 26000, 131072]:
+        torch.set_num_threads(threads)
+        for k in [1, 100, 5000, 60000, numel // 2]:
             for value_dtype in (torch.float32, torch.float16):
-                native = torch.ops.gcomp.topk_pack(x, [0], [numel], [k], value_dtype)
+                with simd_disabled(portable):
+                    native = torch.ops.gcomp.topk_pack(x, [0], [numel], [k], value_dtype)
                 assert torch.equal(native, reference.topk_pack(x, [0], [numel], [k], value_dtype)), (k, value_dtype)
     finally:
         torch.set_num_threads(before)
