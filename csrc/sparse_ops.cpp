@@ -77,9 +77,10 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr int kHistogramBins = 256;
 constexpr int64_t kWordElements = 64;  // elements per kept word (and per bitmap word)
 // A layer counts as sparse when fewer than one element in this many is expected to be a
-// candidate: its scans then skip words without candidates with a branch, which pays although
-// part of them is mispredicted; denser layers run branch-free.
-constexpr int64_t kSparseCandidateRatio = 150;
+// candidate: its scans then visit the candidates of each word one by one (a loop over the set
+// bits, mispredicted once per word or so), which beats appending every vector branch-free (a
+// compress per 16 elements) while candidates are this rare. Denser layers run branch-free.
+constexpr int64_t kSparseCandidateRatio = 10;
 // Lists appended by SIMD code get whole vectors stored (and, later, loaded) past their end.
 constexpr int64_t kListSlack = 64;
 // Per-thread lists are kept between calls (no fresh pages to fault in) unless larger than this.
@@ -320,6 +321,15 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) void scan_chunk_a
                                     12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i place_step = _mm512_set1_epi16(static_cast<short>(kWordElements));
   int64_t n_kept = 0;
+  // Appends the candidates x[first + bit] for the set bits of `mask`, one at a time.
+  auto append_each = [&](uint64_t mask, int64_t first) {
+    for (; mask != 0; mask &= mask - 1u) {
+      const int bit = __builtin_ctzll(mask);
+      values[n_kept] = x[first + bit];
+      if (positions != nullptr) positions[n_kept] = static_cast<uint16_t>(first + bit);
+      ++n_kept;
+    }
+  };
   int64_t w = 0;
   // Candidates first: |x| bits >= low exactly when the key is (see magnitude_bits).
   for (; w + kWordElements <= length; w += kWordElements) {
@@ -333,18 +343,21 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) void scan_chunk_a
     lists.words[w / kWordElements] = _cvtmask64_u64(word);
     const __m512i word_places = places;
     places = _mm512_add_epi16(places, place_step);
-    if (sparse && _cvtmask64_u64(word) == 0) continue;
-    if (positions != nullptr) {
-      const __mmask32 low_half = _mm512_kunpackw(kept[1], kept[0]);
-      const __mmask32 high_half = _mm512_kunpackw(kept[3], kept[2]);
-      _mm512_storeu_si512(positions + n_kept, _mm512_maskz_compress_epi16(low_half, word_places));
-      _mm512_storeu_si512(positions + n_kept + _mm_popcnt_u32(low_half),
-                          _mm512_maskz_compress_epi16(high_half, _mm512_add_epi16(word_places, _mm512_set1_epi16(32))));
+    if (sparse) {  // few candidates: each is copied on its own
+      append_each(_cvtmask64_u64(word), w);
+      continue;
     }
-    for (int q = 0; q < 4; ++q) {
+    // Denser words: the first 32 elements go through compresses (vector units), the other 32
+    // one candidate at a time (integer units), so that the two kinds of units share the work.
+    if (positions != nullptr) {
+      _mm512_storeu_si512(positions + n_kept,
+                          _mm512_maskz_compress_epi16(_mm512_kunpackw(kept[1], kept[0]), word_places));
+    }
+    for (int q = 0; q < 2; ++q) {
       _mm512_storeu_si512(values + n_kept, _mm512_maskz_compress_epi32(kept[q], bits[q]));
       n_kept += __builtin_popcount(kept[q]);
     }
+    append_each(_cvtmask64_u64(word) >> 32, w + 32);
   }
   // Then the bracket keys among the candidates (few, and still in the L1/L2 cache).
   uint32_t* keys = lists.keys;
