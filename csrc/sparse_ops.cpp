@@ -302,16 +302,22 @@ void scan_range_portable(const In* x, int64_t first, int64_t length, const PackL
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define GCOMP_AVX512_PACK 1
+// The keys of 16 float32 values (lanes outside `valid`: 0). The masked min avoids a false GCC 12
+// warning that the unmasked form trips.
+__attribute__((target("avx512f"))) inline __m512i float32_keys(const float* values, __mmask16 valid) {
+  const __m512i magnitude = _mm512_and_si512(_mm512_loadu_si512(values), _mm512_set1_epi32(0x7FFFFFFF));
+  return _mm512_mask_min_epu32(_mm512_setzero_si512(), valid, magnitude,
+                               _mm512_set1_epi32(static_cast<int>(format::kNanKeyFloat32)));
+}
+
 // float32 input, AVX-512F, 64 elements per step. Keys are min(|x| bits, NaN key) (see
 // sparse_format.h). Lists are appended with a register-form compress and a full store (the
 // memory form is slow on some CPUs); the lists have slack for the lanes stored past the count.
 __attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) void scan_chunk_avx512(
     const float* x, int64_t length, const PackLayerPlan<uint32_t>& plan, ScanLists<float, uint32_t>& lists) {
   const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
-  const __m512i nan_key = _mm512_set1_epi32(static_cast<int>(format::kNanKeyFloat32));
   const __m512i low_v = _mm512_set1_epi32(static_cast<int>(plan.low));
   const __m512i high_v = _mm512_set1_epi32(static_cast<int>(plan.high));
-  const __m512i zero = _mm512_setzero_si512();
   const __mmask16 all = static_cast<__mmask16>(0xFFFF);
   const bool sparse = plan.sparse;
   float* values = lists.values;
@@ -359,20 +365,29 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) void scan_chunk_a
     }
     append_each(_cvtmask64_u64(word) >> 32, w + 32);
   }
-  // Then the bracket keys among the candidates (few, and still in the L1/L2 cache).
+  // Then the bracket keys among the candidates (few, and still in the L1/L2 cache); every
+  // other candidate lies above `high`.
   uint32_t* keys = lists.keys;
-  int64_t n_bracket = 0, n_above_high = 0;
-  for (int64_t j = 0; j < n_kept; j += 16) {
+  int64_t n_bracket = 0;
+  int64_t j = 0;
+  for (; j + 32 <= n_kept; j += 32) {  // two groups per step: independent work to overlap
+    const __m512i first = float32_keys(values + j, all), second = float32_keys(values + j + 16, all);
+    const __mmask16 in_first = _mm512_cmple_epu32_mask(first, high_v);
+    const __mmask16 in_second = _mm512_cmple_epu32_mask(second, high_v);
+    _mm512_storeu_si512(keys + n_bracket, _mm512_maskz_compress_epi32(in_first, first));
+    n_bracket += __builtin_popcount(in_first);
+    _mm512_storeu_si512(keys + n_bracket, _mm512_maskz_compress_epi32(in_second, second));
+    n_bracket += __builtin_popcount(in_second);
+  }
+  for (; j < n_kept; j += 16) {
     const int64_t rest = n_kept - j;
     const __mmask16 valid = static_cast<__mmask16>(rest >= 16 ? 0xFFFFu : (1u << rest) - 1u);
-    const __m512i key =  // (masked min: the unmasked form trips a false GCC 12 warning)
-        _mm512_mask_min_epu32(zero, all, _mm512_and_si512(_mm512_loadu_si512(values + j), abs_mask), nan_key);
-    const __mmask16 above = _mm512_mask_cmpgt_epu32_mask(valid, key, high_v);
-    const __mmask16 bracket = static_cast<__mmask16>(valid & ~above);
-    _mm512_storeu_si512(keys + n_bracket, _mm512_maskz_compress_epi32(bracket, key));
-    n_bracket += __builtin_popcount(bracket);
-    n_above_high += __builtin_popcount(above);
+    const __m512i key = float32_keys(values + j, valid);
+    const __mmask16 in_bracket = _mm512_mask_cmple_epu32_mask(valid, key, high_v);
+    _mm512_storeu_si512(keys + n_bracket, _mm512_maskz_compress_epi32(in_bracket, key));
+    n_bracket += __builtin_popcount(in_bracket);
   }
+  const int64_t n_above_high = n_kept - n_bracket;
   lists.n_kept = n_kept;
   lists.n_bracket = n_bracket;
   lists.n_above_high = n_above_high;
