@@ -353,17 +353,17 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) void scan_chunk_a
       append_each(_cvtmask64_u64(word), w);
       continue;
     }
-    // Denser words: the first 32 elements go through compresses (vector units), the other 32
-    // one candidate at a time (integer units), so that the two kinds of units share the work.
     if (positions != nullptr) {
-      _mm512_storeu_si512(positions + n_kept,
-                          _mm512_maskz_compress_epi16(_mm512_kunpackw(kept[1], kept[0]), word_places));
+      const __mmask32 low_half = _mm512_kunpackw(kept[1], kept[0]);
+      const __mmask32 high_half = _mm512_kunpackw(kept[3], kept[2]);
+      _mm512_storeu_si512(positions + n_kept, _mm512_maskz_compress_epi16(low_half, word_places));
+      _mm512_storeu_si512(positions + n_kept + _mm_popcnt_u32(low_half),
+                          _mm512_maskz_compress_epi16(high_half, _mm512_add_epi16(word_places, _mm512_set1_epi16(32))));
     }
-    for (int q = 0; q < 2; ++q) {
+    for (int q = 0; q < 4; ++q) {
       _mm512_storeu_si512(values + n_kept, _mm512_maskz_compress_epi32(kept[q], bits[q]));
       n_kept += __builtin_popcount(kept[q]);
     }
-    append_each(_cvtmask64_u64(word) >> 32, w + 32);
   }
   // Then the bracket keys among the candidates (few, and still in the L1/L2 cache); every
   // other candidate lies above `high`.
