@@ -64,9 +64,9 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 //     (compressed, in index order) and one bit per element (a "kept word" per 64 elements). It
 //     also keeps the keys inside [low, high] (a few percent of the elements), counts the keys
 //     above `high` (all selected) and histograms the bracket keys per chunk.
-//  3. The summed histograms narrow the k-th largest key to one bin, and nth_element on that
-//     bin's few keys finds it exactly (`kth`). Ties at kth go to the smallest indices, i.e. to
-//     the earliest chunks, which fixes where each chunk's entries start in the message.
+//  3. The summed histograms narrow the k-th largest key to one bin, whose keys are narrowed
+//     further (kth_largest) to find it exactly (`kth`). Ties at kth go to the smallest indices,
+//     i.e. to the earliest chunks, which fixes where each chunk's entries start in the message.
 //  4. A pass over the candidates takes the keys above kth and the chunk's share of keys equal to
 //     it (in index order) and writes values and bitmap words straight into the message. Bit-packed
 //     indices go through a list of the selected indices, as their groups of eight straddle chunks.
@@ -74,7 +74,9 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // (everything a candidate, every key in the bracket), so the sample only ever affects speed,
 // never the result.
 
-constexpr int kHistogramBins = 256;
+// Bins of a chunk's histogram of bracket keys: few, so that a vector loop counts them (one
+// compare per bin and 64 keys); settle_layer then narrows the chosen bin itself.
+constexpr int kHistogramBins = 16;
 constexpr int64_t kWordElements = 64;  // elements per kept word (and per bitmap word)
 // A layer counts as sparse when fewer than one element in this many is expected to be a
 // candidate: its scans then visit the candidates of each word one by one (a loop over the set
@@ -530,33 +532,53 @@ bool cpu_has_avx512() {
 }
 #endif
 
-// bins[i] = histogram_bin(keys[i]) for i < n, a loop the compiler vectorises; with use_simd
-// (32-bit keys) the same loop is built for AVX-512, 16 keys per step.
+// bins[i] = histogram_bin(keys[i]) for i < n, a loop the compiler vectorises.
 template <class Key>
-void histogram_bins_portable(const Key* keys, int64_t n, Key low, int shift, uint8_t* bins) {
+void histogram_bins(const Key* keys, int64_t n, Key low, int shift, uint8_t* bins) {
   for (int64_t i = 0; i < n; ++i) bins[i] = static_cast<uint8_t>(histogram_bin(keys[i], low, shift));
 }
+
 #ifdef GCOMP_AVX512_PACK
-__attribute__((target("avx512f,avx512bw"))) void histogram_bins_avx512(const uint32_t* keys, int64_t n,
-                                                                     uint32_t low, int shift, uint8_t* bins) {
-  histogram_bins_portable(keys, n, low, shift, bins);  // inlined here, so built with AVX-512
+// histogram_keys for 32-bit keys, 64 per step: their bins packed into the bytes of one vector,
+// then one compare per bin, whose mask bits are counted.
+__attribute__((target("avx512f,avx512bw,popcnt"))) void histogram_keys_avx512(const uint32_t* keys, int64_t n,
+                                                                             uint32_t low, int shift,
+                                                                             uint32_t* counts) {
+  const __m512i low_v = _mm512_set1_epi32(static_cast<int>(low));
+  const __m512i last_bin = _mm512_set1_epi32(kHistogramBins - 1);
+  const __m128i shift_v = _mm_cvtsi32_si128(shift);
+  uint64_t totals[kHistogramBins] = {};
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) {
+    __m128i packed[4];
+    for (int q = 0; q < 4; ++q) {
+      const __m512i offset = _mm512_sub_epi32(_mm512_loadu_si512(keys + j + 16 * q), low_v);
+      packed[q] = _mm512_cvtepi32_epi8(_mm512_min_epu32(_mm512_srl_epi32(offset, shift_v), last_bin));
+    }
+    __m512i bins = _mm512_castsi128_si512(packed[0]);
+    bins = _mm512_inserti32x4(bins, packed[1], 1);
+    bins = _mm512_inserti32x4(bins, packed[2], 2);
+    bins = _mm512_inserti32x4(bins, packed[3], 3);
+    for (int b = 0; b < kHistogramBins; ++b) {
+      totals[b] += _mm_popcnt_u64(_cvtmask64_u64(_mm512_cmpeq_epi8_mask(bins, _mm512_set1_epi8(static_cast<char>(b)))));
+    }
+  }
+  for (; j < n; ++j) ++totals[histogram_bin(keys[j], low, shift)];
+  for (int b = 0; b < kHistogramBins; ++b) counts[b] = static_cast<uint32_t>(totals[b]);
 }
 #endif
+
+// counts[b] = number of keys[0, n) in histogram bin b. Long lists get their bins computed a
+// block at a time (vectorised), then counted into four interleaved histograms; with use_simd
+// (32-bit keys) a vector loop counts them.
 template <class Key>
-void histogram_bins(const Key* keys, int64_t n, Key low, int shift, uint8_t* bins, bool use_simd) {
+void histogram_keys(const Key* keys, int64_t n, Key low, int shift, uint32_t* counts, bool use_simd) {
 #ifdef GCOMP_AVX512_PACK
   if constexpr (std::is_same_v<Key, uint32_t>) {
-    if (use_simd) return histogram_bins_avx512(keys, n, low, shift, bins);
+    if (use_simd) return histogram_keys_avx512(keys, n, low, shift, counts);
   }
 #endif
   (void)use_simd;
-  histogram_bins_portable(keys, n, low, shift, bins);
-}
-
-// counts[b] = number of keys[0, n) in histogram bin b. Long lists get their bins computed a
-// block at a time (vectorised), then counted into four interleaved histograms.
-template <class Key>
-void histogram_keys(const Key* keys, int64_t n, Key low, int shift, uint32_t* counts, bool use_simd) {
   std::fill(counts, counts + kHistogramBins, 0u);
   if (n < 4 * kHistogramBins) {
     for (int64_t j = 0; j < n; ++j) ++counts[histogram_bin(keys[j], low, shift)];
@@ -567,7 +589,7 @@ void histogram_keys(const Key* keys, int64_t n, Key low, int shift, uint32_t* co
   uint8_t bins[kBlock];
   int64_t j = 0;
   for (; j + kBlock <= n; j += kBlock) {
-    histogram_bins(keys + j, kBlock, low, shift, bins, use_simd);
+    histogram_bins(keys + j, kBlock, low, shift, bins);
     for (int64_t i = 0; i < kBlock; i += 4) {
       ++partial[0][bins[i]];
       ++partial[1][bins[i + 1]];
@@ -675,16 +697,17 @@ void collect_bin(const PackLayerPlan<Key>& plan, const ListBases<In, Key>& bases
 // histograms of their spread, so the final nth_element sees few keys however they cluster.
 template <class Key>
 Key kth_largest(std::vector<Key>& keys, int64_t rank) {
-  constexpr size_t kDirect = 2048;
+  constexpr size_t kDirect = 512;
+  constexpr int kSelectBins = 256;
   while (keys.size() > kDirect) {
     const auto [min_it, max_it] = std::minmax_element(keys.begin(), keys.end());
     const Key lo = *min_it, hi = *max_it;
     if (lo == hi) return lo;
     int shift = 0;
-    while (((hi - lo) >> shift) >= kHistogramBins) ++shift;
-    int64_t counts[kHistogramBins] = {};
+    while (((hi - lo) >> shift) >= kSelectBins) ++shift;
+    int64_t counts[kSelectBins] = {};
     for (const Key key : keys) ++counts[(key - lo) >> shift];
-    int bin = kHistogramBins - 1;
+    int bin = kSelectBins - 1;
     for (; rank >= counts[bin]; --bin) rank -= counts[bin];
     size_t kept = 0;
     for (const Key key : keys) {
