@@ -312,61 +312,76 @@ __attribute__((target("avx512f"))) inline __m512i float32_keys(const float* valu
                                _mm512_set1_epi32(static_cast<int>(format::kNanKeyFloat32)));
 }
 
-// float32 input, AVX-512F, 64 elements per step. Keys are min(|x| bits, NaN key) (see
-// sparse_format.h). Lists are appended with a register-form compress and a full store (the
-// memory form is slow on some CPUs); the lists have slack for the lanes stored past the count.
-__attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) void scan_chunk_avx512(
-    const float* x, int64_t length, const PackLayerPlan<uint32_t>& plan, ScanLists<float, uint32_t>& lists) {
+// The candidates of x[0, length) in whole words of 64 (float32, AVX-512): appends their values
+// (and, with kPositions, their places) and stores each word's kept bits; returns the count.
+// Lists are appended with a register-form compress and a full store (the memory form is slow on
+// some CPUs); the lists have slack for the lanes stored past the count. kSparse layers copy
+// their few candidates one by one instead. Each variant is its own loop, so none carries the
+// others' registers or tests.
+template <bool kSparse, bool kPositions>
+__attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt,bmi,bmi2"))) int64_t append_candidates_avx512(
+    const float* x, int64_t length, uint32_t low, float* values, uint64_t* words, uint16_t* positions) {
   const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
-  const __m512i low_v = _mm512_set1_epi32(static_cast<int>(plan.low));
-  const __m512i high_v = _mm512_set1_epi32(static_cast<int>(plan.high));
-  const __mmask16 all = static_cast<__mmask16>(0xFFFF);
-  const bool sparse = plan.sparse;
-  float* values = lists.values;
-  uint16_t* positions = lists.positions;
+  const __m512i low_v = _mm512_set1_epi32(static_cast<int>(low));
   // Chunk-relative places of 32 consecutive elements, for the position list.
   __m512i places = _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13,
                                     12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i place_step = _mm512_set1_epi16(static_cast<short>(kWordElements));
   int64_t n_kept = 0;
-  // Appends the candidates x[first + bit] for the set bits of `mask`, one at a time.
-  auto append_each = [&](uint64_t mask, int64_t first) {
-    for (; mask != 0; mask &= mask - 1u) {
-      const int bit = __builtin_ctzll(mask);
-      values[n_kept] = x[first + bit];
-      if (positions != nullptr) positions[n_kept] = static_cast<uint16_t>(first + bit);
-      ++n_kept;
-    }
-  };
-  int64_t w = 0;
-  // Candidates first: |x| bits >= low exactly when the key is (see magnitude_bits).
-  for (; w + kWordElements <= length; w += kWordElements) {
+  for (int64_t w = 0; w + kWordElements <= length; w += kWordElements) {
     __m512i bits[4];
     __mmask16 kept[4];
-    for (int q = 0; q < 4; ++q) {
+    for (int q = 0; q < 4; ++q) {  // |x| bits >= low exactly when the key is (see magnitude_bits)
       bits[q] = _mm512_loadu_si512(x + w + 16 * q);
       kept[q] = _mm512_cmpge_epu32_mask(_mm512_and_si512(bits[q], abs_mask), low_v);
     }
-    const __mmask64 word = _mm512_kunpackd(_mm512_kunpackw(kept[3], kept[2]), _mm512_kunpackw(kept[1], kept[0]));
-    lists.words[w / kWordElements] = _cvtmask64_u64(word);
-    const __m512i word_places = places;
-    places = _mm512_add_epi16(places, place_step);
-    if (sparse) {  // few candidates: each is copied on its own
-      append_each(_cvtmask64_u64(word), w);
-      continue;
-    }
-    if (positions != nullptr) {
-      const __mmask32 low_half = _mm512_kunpackw(kept[1], kept[0]);
-      const __mmask32 high_half = _mm512_kunpackw(kept[3], kept[2]);
-      _mm512_storeu_si512(positions + n_kept, _mm512_maskz_compress_epi16(low_half, word_places));
-      _mm512_storeu_si512(positions + n_kept + _mm_popcnt_u32(low_half),
-                          _mm512_maskz_compress_epi16(high_half, _mm512_add_epi16(word_places, _mm512_set1_epi16(32))));
-    }
-    for (int q = 0; q < 4; ++q) {
-      _mm512_storeu_si512(values + n_kept, _mm512_maskz_compress_epi32(kept[q], bits[q]));
-      n_kept += __builtin_popcount(kept[q]);
+    const uint64_t word =
+        _cvtmask64_u64(_mm512_kunpackd(_mm512_kunpackw(kept[3], kept[2]), _mm512_kunpackw(kept[1], kept[0])));
+    words[w / kWordElements] = word;
+    if constexpr (kSparse) {
+      for (uint64_t rest = word; rest != 0; rest &= rest - 1u) {
+        const int bit = __builtin_ctzll(rest);
+        values[n_kept] = x[w + bit];
+        if constexpr (kPositions) positions[n_kept] = static_cast<uint16_t>(w + bit);
+        ++n_kept;
+      }
+    } else {
+      if constexpr (kPositions) {
+        _mm512_storeu_si512(positions + n_kept,
+                            _mm512_maskz_compress_epi16(_cvtu32_mask32(static_cast<uint32_t>(word)), places));
+        _mm512_storeu_si512(positions + n_kept + _mm_popcnt_u64(_bzhi_u64(word, 32)),
+                            _mm512_maskz_compress_epi16(_cvtu32_mask32(static_cast<uint32_t>(word >> 32)),
+                                                        _mm512_add_epi16(places, _mm512_set1_epi16(32))));
+        places = _mm512_add_epi16(places, place_step);
+      }
+      // Where each vector's candidates go, counted from the word (general registers).
+      const int64_t at[4] = {n_kept, n_kept + static_cast<int64_t>(_mm_popcnt_u64(_bzhi_u64(word, 16))),
+                             n_kept + static_cast<int64_t>(_mm_popcnt_u64(_bzhi_u64(word, 32))),
+                             n_kept + static_cast<int64_t>(_mm_popcnt_u64(_bzhi_u64(word, 48)))};
+      for (int q = 0; q < 4; ++q) _mm512_storeu_si512(values + at[q], _mm512_maskz_compress_epi32(kept[q], bits[q]));
+      n_kept += _mm_popcnt_u64(word);
     }
   }
+  return n_kept;
+}
+
+// float32 input, AVX-512F, 64 elements per step. Keys are min(|x| bits, NaN key) (see
+// sparse_format.h).
+__attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt,bmi,bmi2"))) void scan_chunk_avx512(
+    const float* x, int64_t length, const PackLayerPlan<uint32_t>& plan, ScanLists<float, uint32_t>& lists) {
+  const __m512i high_v = _mm512_set1_epi32(static_cast<int>(plan.high));
+  const __mmask16 all = static_cast<__mmask16>(0xFFFF);
+  float* values = lists.values;
+  uint16_t* positions = lists.positions;
+  int64_t n_kept = 0;
+  if (plan.sparse) {
+    n_kept = positions != nullptr ? append_candidates_avx512<true, true>(x, length, plan.low, values, lists.words, positions)
+                                  : append_candidates_avx512<true, false>(x, length, plan.low, values, lists.words, nullptr);
+  } else {
+    n_kept = positions != nullptr ? append_candidates_avx512<false, true>(x, length, plan.low, values, lists.words, positions)
+                                  : append_candidates_avx512<false, false>(x, length, plan.low, values, lists.words, nullptr);
+  }
+  const int64_t w = length / kWordElements * kWordElements;
   // Then the bracket keys among the candidates (few, and still in the L1/L2 cache); every
   // other candidate lies above `high`.
   uint32_t* keys = lists.keys;
