@@ -446,69 +446,87 @@ __attribute__((target("bmi2"))) inline uint64_t spread_taken_bits(const uint16_t
   return _pdep_u64(read_taken_window(taken, cursor), word);
 }
 
-// Step 4 for float32 values. The chunk's candidates are walked 16 at a time: the taken ones are
-// compressed and stored, and so are their places (bit-packed layers, which listed them in the
-// scan). Bitmap layers keep the taken bits as a stream instead, which a second, branch-free loop
-// spreads back to element positions one kept word at a time (pdep). Stores write whole vectors
-// while the chunk's entries go on past them (later stores overwrite the excess) and masked ones
-// near the chunk's end, whose next entries belong to another chunk.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt,bmi,bmi2"))) void emit_chunk_avx512(
-    const float* candidates, const uint16_t* places, int64_t n_kept, const uint64_t* words, int64_t chunk_begin,
-    int64_t length, uint32_t kth, int64_t position, int64_t end_position, int64_t ties_left, uint8_t* values,
-    uint8_t* bitmap, int64_t* selected) {
-  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
-  const __m512i nan_key = _mm512_set1_epi32(static_cast<int>(format::kNanKeyFloat32));
+// The taken candidates of one chunk (float32), 16 at a time: keys above kth, and the first
+// ties_left keys equal to it. Their values are compressed and stored from out[position] on, and
+// with kSelected their indices too (from the places the scan listed); otherwise each group's
+// taken bits go to taken[g]. Stores write whole vectors while the chunk's entries go on past
+// them (later stores overwrite the excess) and masked ones near the chunk's end, whose next
+// entries belong to another chunk. Whole groups with room run a loop without those masks.
+template <bool kSelected>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt,bmi,bmi2"))) void take_candidates_avx512(
+    const float* candidates, const uint16_t* places, int64_t n_kept, int64_t chunk_begin, uint32_t kth,
+    int64_t position, int64_t end_position, int64_t ties_left, float* out, uint16_t* taken, int64_t* selected) {
   const __m512i kth_v = _mm512_set1_epi32(static_cast<int>(kth));
-  const __m512i zero = _mm512_setzero_si512();
   const __m512i base = _mm512_set1_epi64(chunk_begin);
   const __mmask16 all = static_cast<__mmask16>(0xFFFF);
-  float* out = reinterpret_cast<float*>(values);
+  auto take_ties = [&](__mmask16 t, uint32_t equal) {  // the first ties_left of `equal`, in order
+    for (; equal != 0 && ties_left > 0; equal &= equal - 1u, --ties_left) {
+      t = static_cast<__mmask16>(t | (equal & (~equal + 1u)));
+    }
+    return t;
+  };
   const int64_t n_groups = ceil_div(n_kept, 16);
-  uint16_t* taken = nullptr;  // bit j of taken[g]: candidate 16 g + j is taken (bitmap layers)
-  if (bitmap != nullptr) taken = thread_arena<uint16_t, kTakenList>().room(n_groups + 8);
-  for (int64_t g = 0; g < n_groups; ++g) {
+  int64_t g = 0;
+  for (; 16 * g + 16 <= n_kept && position + 16 <= end_position; ++g) {
+    const __m512i v = _mm512_loadu_si512(candidates + 16 * g);
+    const __m512i key = float32_keys(candidates + 16 * g, all);
+    __mmask16 t = _mm512_cmpgt_epu32_mask(key, kth_v);
+    if (ties_left > 0) t = take_ties(t, _mm512_cmpeq_epu32_mask(key, kth_v));
+    _mm512_storeu_si512(out + position, _mm512_maskz_compress_epi32(t, v));
+    if constexpr (kSelected) {
+      const __m256i picked_places = _mm256_maskz_compress_epi16(
+          t, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(places + 16 * g)));
+      // (masked widening: the unmasked form trips the same false GCC 12 warning)
+      _mm512_storeu_si512(selected + position,
+                          _mm512_add_epi64(_mm512_maskz_cvtepu16_epi64(0xFF, _mm256_castsi256_si128(picked_places)), base));
+      _mm512_storeu_si512(selected + position + 8,
+                          _mm512_add_epi64(_mm512_maskz_cvtepu16_epi64(0xFF, _mm256_extracti128_si256(picked_places, 1)), base));
+    } else {
+      taken[g] = t;
+    }
+    position += __builtin_popcount(t);
+  }
+  for (; g < n_groups; ++g) {
     const int64_t j = 16 * g;
     const int64_t rest = n_kept - j;
     const __mmask16 valid = static_cast<__mmask16>(rest >= 16 ? 0xFFFFu : (1u << rest) - 1u);
     const __m512i v = _mm512_loadu_si512(candidates + j);
-    const __m512i key = _mm512_mask_min_epu32(zero, all, _mm512_and_si512(v, abs_mask), nan_key);
+    const __m512i key = float32_keys(candidates + j, valid);
     __mmask16 t = _mm512_mask_cmpgt_epu32_mask(valid, key, kth_v);
-    if (ties_left > 0) {
-      uint32_t equal = _mm512_mask_cmpeq_epu32_mask(valid, key, kth_v);
-      for (; equal != 0 && ties_left > 0; equal &= equal - 1u, --ties_left) {
-        t = static_cast<__mmask16>(t | (equal & (~equal + 1u)));
-      }
-    }
-    const int n_taken = __builtin_popcount(t);
-    const __m512i picked = _mm512_maskz_compress_epi32(t, v);
-    const bool room = position + 16 <= end_position;
-    const __mmask16 head = static_cast<__mmask16>((1u << n_taken) - 1u);
-    if (room) {
-      _mm512_storeu_si512(out + position, picked);
-    } else {
-      _mm512_mask_storeu_epi32(out + position, head, picked);
-    }
-    if (selected != nullptr) {
+    if (ties_left > 0) t = take_ties(t, _mm512_mask_cmpeq_epu32_mask(valid, key, kth_v));
+    const __mmask16 head = static_cast<__mmask16>((1u << __builtin_popcount(t)) - 1u);
+    _mm512_mask_storeu_epi32(out + position, head, _mm512_maskz_compress_epi32(t, v));
+    if constexpr (kSelected) {
       const __m256i picked_places =
           _mm256_maskz_compress_epi16(t, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(places + j)));
-      // (masked widening: the unmasked form trips the same false GCC 12 warning)
-      const __m512i low =
-          _mm512_add_epi64(_mm512_maskz_cvtepu16_epi64(0xFF, _mm256_castsi256_si128(picked_places)), base);
-      const __m512i high =
-          _mm512_add_epi64(_mm512_maskz_cvtepu16_epi64(0xFF, _mm256_extracti128_si256(picked_places, 1)), base);
-      if (room) {
-        _mm512_storeu_si512(selected + position, low);
-        _mm512_storeu_si512(selected + position + 8, high);
-      } else {
-        _mm512_mask_storeu_epi64(selected + position, static_cast<__mmask8>(head), low);
-        _mm512_mask_storeu_epi64(selected + position + 8, static_cast<__mmask8>(head >> 8), high);
-      }
+      _mm512_mask_storeu_epi64(selected + position, static_cast<__mmask8>(head),
+                               _mm512_add_epi64(_mm512_maskz_cvtepu16_epi64(0xFF, _mm256_castsi256_si128(picked_places)), base));
+      _mm512_mask_storeu_epi64(selected + position + 8, static_cast<__mmask8>(head >> 8),
+                               _mm512_add_epi64(_mm512_maskz_cvtepu16_epi64(0xFF, _mm256_extracti128_si256(picked_places, 1)), base));
     } else {
       taken[g] = t;
     }
-    position += n_taken;
+    position += __builtin_popcount(t);
   }
-  if (bitmap == nullptr) return;
+}
+
+// Step 4 for float32 values: the taken candidates (see take_candidates_avx512). Bitmap layers
+// keep the taken bits as a stream, which a second, branch-free loop spreads back to element
+// positions one kept word at a time (pdep).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt,bmi,bmi2"))) void emit_chunk_avx512(
+    const float* candidates, const uint16_t* places, int64_t n_kept, const uint64_t* words, int64_t chunk_begin,
+    int64_t length, uint32_t kth, int64_t position, int64_t end_position, int64_t ties_left, uint8_t* values,
+    uint8_t* bitmap, int64_t* selected) {
+  float* out = reinterpret_cast<float*>(values);
+  const int64_t n_groups = ceil_div(n_kept, 16);
+  if (bitmap == nullptr) {
+    return take_candidates_avx512<true>(candidates, places, n_kept, chunk_begin, kth, position, end_position,
+                                        ties_left, out, nullptr, selected);
+  }
+  uint16_t* taken = thread_arena<uint16_t, kTakenList>().room(n_groups + 8);  // bit j of taken[g]: 16 g + j taken
+  take_candidates_avx512<false>(candidates, places, n_kept, chunk_begin, kth, position, end_position, ties_left, out,
+                                taken, nullptr);
+
   std::fill(taken + n_groups, taken + n_groups + 8, uint16_t(0));  // read (and unused) past the end
   const int64_t full_words = length / kWordElements;
   uint8_t* bytes = bitmap + chunk_begin / 8;  // little-endian: a word's bytes are the bitmap's bytes
