@@ -77,6 +77,9 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Bins of a chunk's histogram of bracket keys: few, so that a vector loop counts them (one
 // compare per bin and 64 keys); settle_layer then narrows the chosen bin itself.
 constexpr int kHistogramBins = 16;
+// Parts of the chosen bin: collecting its keys sorts them by part (in parallel, per chunk), so
+// that settling the layer ranks only the keys of one part.
+constexpr int kBinParts = 16;
 constexpr int64_t kWordElements = 64;  // elements per kept word (and per bitmap word)
 // A layer counts as sparse when fewer than one element in this many is expected to be a
 // candidate: its scans then visit the candidates of each word one by one (a loop over the set
@@ -154,6 +157,21 @@ int histogram_bin(Key key, Key low, int shift) {
   return static_cast<int>(std::min<Key>((key - low) >> shift, kHistogramBins - 1));
 }
 
+// The first key of the plan's chosen bin (which holds keys up to first + 2^shift - 1, or every
+// key above for the top bin).
+template <class Key>
+Key chosen_bin_first(const PackLayerPlan<Key>& plan) {
+  return plan.low + (static_cast<Key>(plan.bin) << plan.shift);
+}
+
+// The part of the chosen bin a key of it falls in: kBinParts equal parts of the bin's width (the
+// top bin's keys beyond that width share the last one).
+template <class Key>
+int bin_part(Key key, Key bin_first, int shift) {
+  const int part_shift = std::max(0, shift - 4);  // kBinParts == 1 << 4
+  return static_cast<int>(std::min<Key>((key - bin_first) >> part_shift, kBinParts - 1));
+}
+
 // A chunk of a layer. Its lists live in the arenas of the thread that scanned it (`owner`).
 template <class Key>
 struct PackChunk {
@@ -168,7 +186,8 @@ struct PackChunk {
   int64_t word_at = 0;  // kept words: word list [word_at, word_at + ceil(length / 64))
   int64_t position_at = 0;  // with plan.positions: position list [position_at, position_at + n_kept)
   uint32_t histogram[kHistogramBins];
-  std::vector<Key> bin_key;  // bracket keys inside the layer's chosen bin
+  std::vector<Key> bin_key;  // bracket keys inside the layer's chosen bin, sorted by bin part
+  int64_t part_start[kBinParts + 1] = {};  // bin_key[part_start[p], part_start[p + 1]): part p
   int64_t n_above_high = 0;
   int64_t above_bin = 0;  // bracket keys in bins above the chosen one
   int64_t n_above = 0;    // keys > kth
@@ -694,17 +713,18 @@ void choose_bin(PackLayerPlan<Key>& plan, const PackChunk<Key>* chunks) {
   plan.above_bins = above;
 }
 
-// A chunk's bracket keys in the chosen bin, and how many lie in the bins above it.
+// A chunk's bracket keys in the chosen bin (sorted by part), and how many lie in the bins above it.
 template <class In, class Key>
 void collect_bin(const PackLayerPlan<Key>& plan, const ListBases<In, Key>& bases, PackChunk<Key>& chunk,
                  bool use_simd) {
   chunk.bin_key.clear();
   chunk.above_bin = 0;
+  std::fill(chunk.part_start, chunk.part_start + kBinParts + 1, int64_t(0));
   if (plan.bin < 0) return;
   for (int b = plan.bin + 1; b < kHistogramBins; ++b) chunk.above_bin += chunk.histogram[b];
   if (chunk.histogram[plan.bin] == 0) return;
   // The bin's keys form the range [bin_low, bin_high].
-  const Key bin_low = plan.low + (static_cast<Key>(plan.bin) << plan.shift);
+  const Key bin_low = chosen_bin_first(plan);
   const Key bin_high = plan.bin == kHistogramBins - 1 ? std::numeric_limits<Key>::max()
                                                       : static_cast<Key>(bin_low + ((static_cast<Key>(1) << plan.shift) - 1));
   const Key* keys = bases.keys[chunk.owner] + chunk.key_at;
@@ -723,6 +743,16 @@ void collect_bin(const PackLayerPlan<Key>& plan, const ListBases<In, Key>& bases
     }
   }
   (void)use_simd;
+  // Sorted by part (a counting sort; parts keep their keys' order).
+  static thread_local std::vector<Key> unsorted;
+  unsorted.assign(chunk.bin_key.begin(), chunk.bin_key.begin() + count);
+  int64_t sizes[kBinParts] = {};
+  for (const Key key : unsorted) ++sizes[bin_part(key, bin_low, plan.shift)];
+  chunk.part_start[0] = 0;
+  for (int p = 0; p < kBinParts; ++p) chunk.part_start[p + 1] = chunk.part_start[p] + sizes[p];
+  int64_t next[kBinParts];
+  std::copy(chunk.part_start, chunk.part_start + kBinParts, next);
+  for (const Key key : unsorted) chunk.bin_key[next[bin_part(key, bin_low, plan.shift)]++] = key;
   chunk.bin_key.resize(static_cast<size_t>(count));
 }
 
@@ -761,20 +791,32 @@ void settle_layer(PackLayerPlan<Key>& plan, PackChunk<Key>* chunks) {
   PackChunk<Key>* first = chunks + plan.first_chunk;
   PackChunk<Key>* last = first + plan.n_chunks;
   plan.kth = plan.high;
+  int part = 0;  // the part of the chosen bin that holds kth
   if (plan.need > 0) {
-    std::vector<Key> in_bin;
-    for (PackChunk<Key>* c = first; c != last; ++c) in_bin.insert(in_bin.end(), c->bin_key.begin(), c->bin_key.end());
-    plan.kth = kth_largest(in_bin, plan.need - plan.above_bins - 1);
+    int64_t rank = plan.need - plan.above_bins - 1;  // among the chosen bin's keys
+    int64_t sizes[kBinParts] = {};
+    for (PackChunk<Key>* c = first; c != last; ++c) {
+      for (int p = 0; p < kBinParts; ++p) sizes[p] += c->part_start[p + 1] - c->part_start[p];
+    }
+    part = kBinParts - 1;
+    for (; rank >= sizes[part]; --part) rank -= sizes[part];
+    std::vector<Key> in_part;
+    in_part.reserve(static_cast<size_t>(sizes[part]));
+    for (PackChunk<Key>* c = first; c != last; ++c) {
+      in_part.insert(in_part.end(), c->bin_key.begin() + c->part_start[part], c->bin_key.begin() + c->part_start[part + 1]);
+    }
+    plan.kth = kth_largest(in_part, rank);
   }
   int64_t bracket_above = 0;  // bracket keys above kth: taken, like every key above `high`
   for (PackChunk<Key>* c = first; c != last; ++c) {
     c->n_above = c->n_above_high;
     c->n_equal = 0;
     if (plan.need > 0) {
-      int64_t above = c->above_bin;
-      for (const Key key : c->bin_key) {
-        above += key > plan.kth;
-        c->n_equal += key == plan.kth;
+      // Keys of the higher parts lie above kth; of kth's part, some do.
+      int64_t above = c->above_bin + (c->part_start[kBinParts] - c->part_start[part + 1]);
+      for (int64_t j = c->part_start[part]; j < c->part_start[part + 1]; ++j) {
+        above += c->bin_key[j] > plan.kth;
+        c->n_equal += c->bin_key[j] == plan.kth;
       }
       c->n_above += above;
       bracket_above += above;
