@@ -465,6 +465,19 @@ __attribute__((target("bmi2"))) inline uint64_t spread_taken_bits(const uint16_t
   return _pdep_u64(read_taken_window(taken, cursor), word);
 }
 
+// The element indices (chunk_begin + place) of the taken candidates `t` of a group of 16, stored
+// to selected[0, 16) under `stored` (bit i: entry i).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2"))) inline void store_taken_indices(
+    const uint16_t* places, __mmask16 t, int64_t chunk_begin, __mmask16 stored, int64_t* selected) {
+  const __m512i base = _mm512_set1_epi64(chunk_begin);
+  const __m256i picked = _mm256_maskz_compress_epi16(t, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(places)));
+  // (masked widening: the unmasked form trips the same false GCC 12 warning)
+  _mm512_mask_storeu_epi64(selected, static_cast<__mmask8>(stored),
+                           _mm512_add_epi64(_mm512_maskz_cvtepu16_epi64(0xFF, _mm256_castsi256_si128(picked)), base));
+  _mm512_mask_storeu_epi64(selected + 8, static_cast<__mmask8>(stored >> 8),
+                           _mm512_add_epi64(_mm512_maskz_cvtepu16_epi64(0xFF, _mm256_extracti128_si256(picked, 1)), base));
+}
+
 // The taken candidates of one chunk (float32), 16 at a time: keys above kth, and the first
 // ties_left keys equal to it. Their values are compressed and stored from out[position] on, and
 // with kSelected their indices too (from the places the scan listed); otherwise each group's
@@ -476,7 +489,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt,bmi,bmi2")))
     const float* candidates, const uint16_t* places, int64_t n_kept, int64_t chunk_begin, uint32_t kth,
     int64_t position, int64_t end_position, int64_t ties_left, float* out, uint16_t* taken, int64_t* selected) {
   const __m512i kth_v = _mm512_set1_epi32(static_cast<int>(kth));
-  const __m512i base = _mm512_set1_epi64(chunk_begin);
   const __mmask16 all = static_cast<__mmask16>(0xFFFF);
   auto take_ties = [&](__mmask16 t, uint32_t equal) {  // the first ties_left of `equal`, in order
     for (; equal != 0 && ties_left > 0; equal &= equal - 1u, --ties_left) {
@@ -493,13 +505,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt,bmi,bmi2")))
     if (ties_left > 0) t = take_ties(t, _mm512_cmpeq_epu32_mask(key, kth_v));
     _mm512_storeu_si512(out + position, _mm512_maskz_compress_epi32(t, v));
     if constexpr (kSelected) {
-      const __m256i picked_places = _mm256_maskz_compress_epi16(
-          t, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(places + 16 * g)));
-      // (masked widening: the unmasked form trips the same false GCC 12 warning)
-      _mm512_storeu_si512(selected + position,
-                          _mm512_add_epi64(_mm512_maskz_cvtepu16_epi64(0xFF, _mm256_castsi256_si128(picked_places)), base));
-      _mm512_storeu_si512(selected + position + 8,
-                          _mm512_add_epi64(_mm512_maskz_cvtepu16_epi64(0xFF, _mm256_extracti128_si256(picked_places, 1)), base));
+      store_taken_indices(places + 16 * g, t, chunk_begin, all, selected + position);
     } else {
       taken[g] = t;
     }
@@ -516,12 +522,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt,bmi,bmi2")))
     const __mmask16 head = static_cast<__mmask16>((1u << __builtin_popcount(t)) - 1u);
     _mm512_mask_storeu_epi32(out + position, head, _mm512_maskz_compress_epi32(t, v));
     if constexpr (kSelected) {
-      const __m256i picked_places =
-          _mm256_maskz_compress_epi16(t, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(places + j)));
-      _mm512_mask_storeu_epi64(selected + position, static_cast<__mmask8>(head),
-                               _mm512_add_epi64(_mm512_maskz_cvtepu16_epi64(0xFF, _mm256_castsi256_si128(picked_places)), base));
-      _mm512_mask_storeu_epi64(selected + position + 8, static_cast<__mmask8>(head >> 8),
-                               _mm512_add_epi64(_mm512_maskz_cvtepu16_epi64(0xFF, _mm256_extracti128_si256(picked_places, 1)), base));
+      store_taken_indices(places + j, t, chunk_begin, head, selected + position);
     } else {
       taken[g] = t;
     }
@@ -728,32 +729,29 @@ void collect_bin(const PackLayerPlan<Key>& plan, const ListBases<In, Key>& bases
   const Key bin_high = plan.bin == kHistogramBins - 1 ? std::numeric_limits<Key>::max()
                                                       : static_cast<Key>(bin_low + ((static_cast<Key>(1) << plan.shift) - 1));
   const Key* keys = bases.keys[chunk.owner] + chunk.key_at;
-  chunk.bin_key.resize(chunk.histogram[plan.bin] + 16);
+  // Gathered here first, then sorted by part into bin_key (a counting sort; parts keep order).
+  static thread_local std::vector<Key> gathered;
+  gathered.resize(chunk.histogram[plan.bin] + 16);
   int64_t count = 0;
 #ifdef GCOMP_AVX512_PACK
   if constexpr (std::is_same_v<Key, uint32_t>) {
-    if (use_simd) count = collect_range_avx512(keys, chunk.n_bracket, bin_low, bin_high, chunk.bin_key.data());
+    if (use_simd) count = collect_range_avx512(keys, chunk.n_bracket, bin_low, bin_high, gathered.data());
   }
 #endif
   if (count == 0) {
-    Key* out = chunk.bin_key.data();
     for (int64_t j = 0; j < chunk.n_bracket; ++j) {
-      out[count] = keys[j];
+      gathered[count] = keys[j];
       count += (keys[j] >= bin_low) & (keys[j] <= bin_high);
     }
   }
   (void)use_simd;
-  // Sorted by part (a counting sort; parts keep their keys' order).
-  static thread_local std::vector<Key> unsorted;
-  unsorted.assign(chunk.bin_key.begin(), chunk.bin_key.begin() + count);
   int64_t sizes[kBinParts] = {};
-  for (const Key key : unsorted) ++sizes[bin_part(key, bin_low, plan.shift)];
-  chunk.part_start[0] = 0;
+  for (int64_t j = 0; j < count; ++j) ++sizes[bin_part(gathered[j], bin_low, plan.shift)];
   for (int p = 0; p < kBinParts; ++p) chunk.part_start[p + 1] = chunk.part_start[p] + sizes[p];
   int64_t next[kBinParts];
   std::copy(chunk.part_start, chunk.part_start + kBinParts, next);
-  for (const Key key : unsorted) chunk.bin_key[next[bin_part(key, bin_low, plan.shift)]++] = key;
   chunk.bin_key.resize(static_cast<size_t>(count));
+  for (int64_t j = 0; j < count; ++j) chunk.bin_key[next[bin_part(gathered[j], bin_low, plan.shift)]++] = gathered[j];
 }
 
 // The rank-th largest (0-based) of keys, which it reorders. Large inputs are first narrowed by
