@@ -1,13 +1,25 @@
 """``gcomp.register``: the one-line way to compress a DDP model's gradient traffic."""
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .adaptive import AdaptiveConfig, AdaptiveController
-from .hooks import AllreduceState, BF16State, FP16State, HookState, PowerSGDState, TopKState, comm_hook
+from .hooks import (
+    AllreduceState,
+    BF16State,
+    FP16State,
+    HookState,
+    PowerSGDState,
+    TopKState,
+    allreduce_hook,
+    bf16_hook,
+    fp16_hook,
+    powersgd_hook,
+    topk_hook,
+)
 
 METHODS: dict[str, type[HookState]] = {
     "allreduce": AllreduceState,
@@ -15,6 +27,14 @@ METHODS: dict[str, type[HookState]] = {
     "bf16": BF16State,
     "powersgd": PowerSGDState,
     "topk": TopKState,
+}
+
+HOOKS: dict[str, Callable[..., Any]] = {
+    "allreduce": allreduce_hook,
+    "fp16": fp16_hook,
+    "bf16": bf16_hook,
+    "powersgd": powersgd_hook,
+    "topk": topk_hook,
 }
 
 _STATE_ATTRIBUTE = "_gcomp_state"
@@ -51,6 +71,6 @@ def register(
     if adaptive:
         AdaptiveController(state, adaptive if isinstance(adaptive, AdaptiveConfig) else AdaptiveConfig())
     state.attach(ddp_model)
-    ddp_model.register_comm_hook(state, comm_hook)
+    ddp_model.register_comm_hook(state, HOOKS[method])
     setattr(ddp_model, _STATE_ATTRIBUTE, state)
     return state

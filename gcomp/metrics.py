@@ -13,13 +13,23 @@ Definitions used everywhere in gcomp (and in ``state.stats()``):
 The wire itself carries more (a ring allreduce sends about ``2 (W-1)/W`` times its payload, TCP
 and gloo add headers); ``benchmarks/`` reads the network interface to measure that.
 
+- ``seconds``: host time spent per phase of the reductions (``compress``, ``collective``,
+  ``decompress``, ``decide``), each also a ``torch.profiler`` range named ``gcomp.<phase>``. On CUDA
+  the phases end with a host read of the device, so their sum is the wall time of the
+  communication thread; the split between them is approximate where kernels run asynchronously.
+
 Nothing here touches the numerics: the hooks only add numbers to these counters.
 """
 from __future__ import annotations
 
-import json
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator, Optional
+
+import torch
+
+PHASES: tuple[str, ...] = ("compress", "collective", "decompress", "decide")
 
 
 @dataclass
@@ -45,6 +55,18 @@ class TrafficStats:
     bytes_uncompressed: int = 0
     collectives: int = 0
     layers: dict[str, LayerTraffic] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=lambda: {phase: 0.0 for phase in PHASES})
+
+    @staticmethod
+    @contextmanager
+    def timed(traffic: Optional["TrafficStats"], phase: str) -> Iterator[None]:
+        """A ``gcomp.<phase>`` profiler range whose host time is added to ``traffic.seconds``
+        (when ``traffic`` is given; checks and decisions pass None and are not counted)."""
+        start = time.perf_counter()
+        with torch.profiler.record_function(f"gcomp.{phase}"):
+            yield
+        if traffic is not None:
+            traffic.seconds[phase] = traffic.seconds.get(phase, 0.0) + time.perf_counter() - start
 
     def record_collective(self, sent: int, received: int) -> None:
         self.collectives += 1
@@ -67,7 +89,8 @@ class TrafficStats:
     def summary(self) -> dict[str, Any]:
         """The dict returned by ``state.stats()``."""
         out = asdict(self)
-        out["compression_ratio"] = self.bytes_uncompressed / self.bytes_sent if self.bytes_sent else 1.0
+        # None, not 1.0, when nothing was reduced: "no step ran" must not read as "no compression".
+        out["compression_ratio"] = self.bytes_uncompressed / self.bytes_sent if self.bytes_sent else None
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -78,6 +101,8 @@ class TrafficStats:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("steps", "compressed_steps", "skipped_steps", "bytes_sent", "bytes_received", "bytes_uncompressed", "collectives"):
             setattr(self, key, int(state.get(key, 0)))
+        self.seconds = {phase: 0.0 for phase in PHASES}
+        self.seconds.update({phase: float(value) for phase, value in state.get("seconds", {}).items()})
         self.layers = {
             name: LayerTraffic(
                 numel=int(layer["numel"]),
@@ -88,14 +113,3 @@ class TrafficStats:
             )
             for name, layer in state.get("layers", {}).items()
         }
-
-
-class JsonLinesSink:
-    """Appends one JSON object per call to a file: the simplest sink a plot script can read."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, sort_keys=True, default=str) + "\n")

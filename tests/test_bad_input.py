@@ -40,9 +40,19 @@ def test_unsupported_bucket_dtypes(buffer):
         check_bucket_buffer(buffer)
 
 
-def test_hook_refuses_foreign_state():
-    with pytest.raises(TypeError, match="gcomp state"):
-        gcomp.comm_hook(object(), None)
+@pytest.mark.parametrize(
+    "hook, state",
+    [
+        (gcomp.powersgd_hook, object()),
+        (gcomp.powersgd_hook, gcomp.TopKState()),
+        (gcomp.topk_hook, gcomp.PowerSGDState()),
+        (gcomp.fp16_hook, gcomp.BF16State()),
+        (gcomp.allreduce_hook, gcomp.FP16State()),
+    ],
+)
+def test_each_hook_refuses_a_state_of_another_method(hook, state):
+    with pytest.raises(TypeError, match=hook.__name__):
+        hook(state, None)
 
 
 def _registration_errors(rank: int, world_size: int) -> list[str]:
@@ -131,4 +141,4 @@ def _different_models(rank: int, world_size: int) -> str:
 
 def test_different_models_raise_on_every_rank():
     for message in run_ranks(_different_models, 2, timeout=90):
-        assert "ranks hold different gradient buckets" in message, message
+        assert "ranks disagree on the layers of a gradient bucket" in message, message

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import json
 import math
-import zlib
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import torch
 
+from ..comm import check_agreement
 from ..hooks.base import HookState
+from ..metrics import TrafficStats
 from .families import Family, family_for
 from .solver import solve
 
@@ -87,6 +88,7 @@ class AdaptiveController:
         self.history: list[dict[str, Any]] = []
         self._bytes_at_last_decision = 0
         self._steps_at_last_decision = 0
+        self._device = torch.device("cpu")  # where the profiled tensors live (the buckets' device)
         state.controller = self
         self._update_observer(state.traffic.steps)
 
@@ -121,12 +123,13 @@ class AdaptiveController:
             self._update_observer(self.state.traffic.steps)
             return torch.tensor(0.0)
 
-        self.state.worker.run_now(job)  # after every queued bucket, on the communication thread
+        self.state.worker.run_now(job, self._device)  # after every queued bucket, on the communication thread
         return record
 
     epoch_end = decide_now
 
     def _observe(self, name: str, shape: tuple[int, ...], tensor: torch.Tensor) -> None:
+        self._device = tensor.device
         if name in self.accumulated:
             self.accumulated[name].add_(tensor.reshape(-1))
         else:
@@ -135,24 +138,33 @@ class AdaptiveController:
 
     # ------------------------------------------------------------------ decision
     def _decide(self, completed_steps: int) -> dict[str, Any]:
+        with TrafficStats.timed(self.state.traffic, "decide"):
+            return self._decide_timed(completed_steps)
+
+    def _decide_timed(self, completed_steps: int) -> dict[str, Any]:
         names = sorted(self.accumulated)
         candidates = [self.family.candidates(self.shapes[name]) for name in names]
-        self._check_same_problem(names, candidates)
-        local = [self.family.errors(self.accumulated[name], self.shapes[name], options) for name, options in zip(names, candidates)]
-        flat = torch.tensor([error for row in local for error in row], dtype=torch.float64)
-        if flat.numel():
+        self._agree("the adaptive problem (profiled layers and their candidates)", list(zip(names, candidates)))
+        rows = [self.family.errors(self.accumulated[name], self.shapes[name], options) for name, options in zip(names, candidates)]
+        errors: list[list[float]] = []
+        if rows:
+            # One small allreduce averages the error table, so every rank solves the same problem.
+            flat = torch.cat(rows).to(device=self.state.transport.small_tensor_device(self._device), dtype=torch.float64)
             self.state.transport.allreduce_sum_(flat, traffic=None)
             flat.div_(self.state.transport.world_size)
-        errors, position = [], 0
-        for options in candidates:
-            errors.append(flat[position : position + len(options)].tolist())
-            position += len(options)
+            values = self.state.worker.runtime.to_list(flat)
+            position = 0
+            for options in candidates:
+                errors.append(values[position : position + len(options)])
+                position += len(options)
         sizes = [[self.family.size(self.shapes[name], option) for option in options] for name, options in zip(names, candidates)]
         uniform = [options.index(_closest(options, self._uniform_for(name))) for name, options in zip(names, candidates)]
         budget = self.config.alpha * sum(errors[layer][choice] for layer, choice in enumerate(uniform)) if names else 0.0
         solution = solve(sizes, errors, budget, uniform, resolution=self.config.resolution)
         choices = {name: options[choice] for name, options, choice in zip(names, candidates, solution.choices)}
-        self._check_same_decision(choices)
+        # Identical tables give identical choices; proven before the choice changes any
+        # collective's size (a disagreement would otherwise hang or mix data).
+        self._agree("the adaptive decision", sorted(choices.items()))
         measured = self._measured_bytes_per_step(completed_steps)
         if choices:
             self.family.apply(choices)
@@ -187,23 +199,8 @@ class AdaptiveController:
         self._steps_at_last_decision, self._bytes_at_last_decision = completed_steps, self.state.traffic.bytes_sent
         return sent / steps if steps > 0 else None
 
-    def _check_same_problem(self, names: list[str], candidates: list[list[float]]) -> None:
-        """Every rank must solve a table of the same layers and candidates (else the error table
-        allreduce would mix layers): compared with one 8-byte allgather per decision."""
-        text = ";".join(f"{name}:{options}" for name, options in zip(names, candidates))
-        mine = torch.tensor([zlib.crc32(text.encode("utf-8"))], dtype=torch.int64)
-        everyone = self.state.transport.allgather(mine, traffic=None)
-        if not bool((everyone == everyone[0]).all()):
-            raise ValueError(f"gcomp adaptive: ranks profiled different layers or candidates (checksums {everyone.flatten().tolist()})")
-
-    def _check_same_decision(self, choices: dict[str, float]) -> None:
-        """Identical tables give identical choices; this 8-byte allgather proves it before the
-        choice changes any collective's size (a disagreement would otherwise hang or mix data)."""
-        text = ";".join(f"{name}:{value!r}" for name, value in sorted(choices.items()))
-        mine = torch.tensor([zlib.crc32(text.encode("utf-8"))], dtype=torch.int64)
-        everyone = self.state.transport.allgather(mine, traffic=None)
-        if not bool((everyone == everyone[0]).all()):
-            raise ValueError(f"gcomp adaptive: ranks reached different decisions (checksums {everyone.flatten().tolist()})")
+    def _agree(self, topic: str, value: Any) -> None:
+        check_agreement(self.state.transport, self.state.worker.runtime, topic, value, self._device)
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.config.log_path is None or self.state.transport.rank != 0:

@@ -34,9 +34,9 @@ class Family(Protocol):
 
     def size(self, shape: tuple[int, ...], setting: float) -> float: ...
 
-    def errors(self, tensor: torch.Tensor, shape: tuple[int, ...], settings: Sequence[float]) -> list[float]: ...
-
-    def current(self, name: str) -> float: ...
+    def errors(self, tensor: torch.Tensor, shape: tuple[int, ...], settings: Sequence[float]) -> torch.Tensor:
+        """One float64 error per setting, on ``tensor``'s device (no host read)."""
+        ...
 
     def apply(self, choices: Mapping[str, float]) -> None: ...
 
@@ -66,16 +66,14 @@ class RankFamily:
         n, m = matrix_shape(shape)
         return float((n + m) * int(setting) * 4)
 
-    def errors(self, tensor: torch.Tensor, shape: tuple[int, ...], settings: Sequence[float]) -> list[float]:
+    def errors(self, tensor: torch.Tensor, shape: tuple[int, ...], settings: Sequence[float]) -> torch.Tensor:
         n, m = matrix_shape(shape)
         singular = torch.linalg.svdvals(tensor.reshape(n, m).double())
         squares = singular.pow(2)
         # tail[r] = sum of squares beyond the first r singular values
         tail = torch.cat([squares.flip(0).cumsum(0).flip(0), squares.new_zeros(1)])
-        return [float(tail[min(int(r), len(singular))].sqrt()) for r in settings]
-
-    def current(self, name: str) -> float:
-        return self.state.layer_ranks.get(name, self.state.rank)
+        picks = torch.tensor([min(int(r), min(n, m)) for r in settings], dtype=torch.int64, device=tensor.device)
+        return tail.index_select(0, picks).sqrt()
 
     def apply(self, choices: Mapping[str, float]) -> None:
         self.state.set_layer_ranks({name: int(rank) for name, rank in choices.items()})
@@ -111,14 +109,12 @@ class DensityFamily:
     def size(self, shape: tuple[int, ...], setting: float) -> float:
         return float(sparse_message_layout([math.prod(shape)], [self._k(shape, setting)], self.state.value_dtype).message_bytes)
 
-    def errors(self, tensor: torch.Tensor, shape: tuple[int, ...], settings: Sequence[float]) -> list[float]:
+    def errors(self, tensor: torch.Tensor, shape: tuple[int, ...], settings: Sequence[float]) -> torch.Tensor:
         squares = tensor.reshape(-1).double().pow(2).sort().values  # ascending
         prefix = torch.cat([squares.new_zeros(1), squares.cumsum(0)])  # prefix[j] = sum of j smallest
-        numel = squares.numel()
-        return [float(prefix[numel - self._k(shape, density)].sqrt()) for density in settings]
-
-    def current(self, name: str) -> float:
-        return self.state.layer_densities.get(name, self.state.density)
+        numel = math.prod(shape)
+        picks = torch.tensor([numel - self._k(shape, density) for density in settings], dtype=torch.int64, device=tensor.device)
+        return prefix.index_select(0, picks).sqrt()
 
     def apply(self, choices: Mapping[str, float]) -> None:
         self.state.set_layer_densities(dict(choices))

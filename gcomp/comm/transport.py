@@ -2,7 +2,7 @@
 
 Called only from the communication thread (``worker.py``), so blocking is fine and the order of
 calls is the order of buckets. The module knows nothing about compression: it moves tensors and
-adds what it moved to a :class:`~gcomp.metrics.TrafficStats`.
+adds what it moved, and how long it took, to a :class:`~gcomp.metrics.TrafficStats`.
 
 Why a communicator of its own: DDP issues collectives of its own on the model's process group
 from the autograd thread, e.g. the allreduce of the "which parameters were used" map right after
@@ -11,6 +11,11 @@ collectives, and on gloo two ranks issuing them in different orders pair the wro
 ("Received data size doesn't match expected size"). gcomp therefore runs its collectives on a
 separate group over the same ranks (created once, the first time a hook runs, on every rank at the
 same point), so the two streams never interleave on one communicator.
+
+Devices: collectives take tensors where the bucket lives. NCCL needs CUDA tensors; gloo takes CPU
+tensors and, for allreduce, CUDA tensors too (it stages them through host memory). gloo's
+gather-into-one-tensor on CUDA tensors has known crashes (pytorch#152645), so an allgather of a
+CUDA message over gloo is staged through the CPU here, explicitly.
 """
 from __future__ import annotations
 
@@ -21,20 +26,22 @@ import torch.distributed as dist
 
 from ..metrics import TrafficStats
 
+# torch >= 2.13 names the single-tensor allgather ``all_gather_single`` and warns on the old name.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class Transport:
-    """Collectives over the ranks of ``process_group`` (``None`` = the default group), on a
-    dedicated group when ``dedicated`` (the default; see the module docstring)."""
+    """Collectives over the ranks of ``process_group`` (``None`` = the default group), run on a
+    dedicated group with the same ranks (see the module docstring)."""
 
-    def __init__(self, process_group: Optional[dist.ProcessGroup] = None, dedicated: bool = True) -> None:
+    def __init__(self, process_group: Optional[dist.ProcessGroup] = None) -> None:
         self.model_group = process_group
-        self.dedicated = dedicated
         self._group: Optional[dist.ProcessGroup] = None
 
     def ensure_group(self) -> None:
         """Create the dedicated group. Must run on every rank at the same point (the first hook
         call), not on the communication thread."""
-        if self._group is not None or not self.dedicated:
+        if self._group is not None:
             return
         ranks = dist.get_process_group_ranks(self.model_group or dist.group.WORLD)
         self._group = dist.new_group(ranks=ranks, backend=dist.get_backend(self.model_group))
@@ -52,9 +59,19 @@ class Transport:
     def rank(self) -> int:
         return dist.get_rank(self.process_group)
 
+    @property
+    def backend(self) -> str:
+        return str(dist.get_backend(self.process_group))
+
+    def small_tensor_device(self, device: torch.device) -> torch.device:
+        """Where small host-built tensors (checksums, error tables) go for a collective next to a
+        bucket on ``device``: the CPU for gloo, the bucket's device for NCCL (and any other)."""
+        return torch.device("cpu") if self.backend == "gloo" else device
+
     def allreduce_sum_(self, tensor: torch.Tensor, traffic: Optional[TrafficStats]) -> torch.Tensor:
         """Sum ``tensor`` over ranks, in place. Every rank gets bitwise the same result."""
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.process_group)
+        with TrafficStats.timed(traffic, "collective"):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.process_group)
         if traffic is not None:
             size = tensor.numel() * tensor.element_size()
             traffic.record_collective(sent=size, received=size)
@@ -63,10 +80,14 @@ class Transport:
     def allgather(self, message: torch.Tensor, traffic: Optional[TrafficStats]) -> torch.Tensor:
         """Concatenate equal-size 1-D messages of all ranks: row r of the result is rank r's."""
         world = self.world_size
-        gathered = torch.empty(world * message.numel(), dtype=message.dtype, device=message.device)
-        dist.all_gather_into_tensor(gathered, message.contiguous(), group=self.process_group)
-        gathered = gathered.view(world, message.numel())
+        staged = message.is_cuda and self.backend == "gloo"
+        source = message.cpu() if staged else message.contiguous()
+        gathered = source.new_empty(world * message.numel())
+        with TrafficStats.timed(traffic, "collective"):
+            _all_gather_single(gathered, source, group=self.process_group)
+        if staged:
+            gathered = gathered.to(message.device)
         if traffic is not None:
             size = message.numel() * message.element_size()
             traffic.record_collective(sent=size, received=(world - 1) * size)
-        return gathered
+        return gathered.view(world, message.numel())

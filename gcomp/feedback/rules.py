@@ -68,8 +68,9 @@ class FeedbackRule(ABC):
     name: ClassVar[str]
     per_rank_tensors: ClassVar[tuple[str, ...]]
     replicated_tensors: ClassVar[tuple[str, ...]]
-    # Estimator rules start from an exact, uncompressed average (ALGORITHMS.md §2.6): starting
-    # from a zero estimate would make the first steps crawl towards the true gradient.
+    # Estimator rules start from an exact, uncompressed average: starting from a zero estimate
+    # would make the first steps crawl towards the true gradient, and sending C(g) while storing g
+    # (as some reference code does) would split the senders' and receivers' estimates.
     needs_dense_init: ClassVar[bool] = False
 
     def is_initialised(self, stored: Stored) -> bool:
@@ -85,8 +86,13 @@ class FeedbackRule(ABC):
 
     def uncompressed_input(self, gradient: torch.Tensor, stored: Stored) -> torch.Tensor:
         """What this rank contributes when the layer is averaged uncompressed (too small to be
-        worth compressing at its density). The hook forgets the layer's state afterwards."""
+        worth compressing at its density)."""
         return gradient
+
+    def after_uncompressed(self, sent: torch.Tensor, stored: Stored) -> dict[str, torch.Tensor]:
+        """The tensors to keep after the layer was averaged uncompressed (``sent`` is what
+        :meth:`uncompressed_input` returned); every other stored tensor of the layer is dropped."""
+        return {}
 
     @abstractmethod
     def message_input(self, gradient: torch.Tensor, stored: Stored) -> torch.Tensor:
@@ -183,6 +189,14 @@ class EF21SGDM(FeedbackRule):
 
     def message_input(self, gradient: torch.Tensor, stored: Stored) -> torch.Tensor:
         return self._averaged(gradient, stored) - stored[LOCAL_ESTIMATE]
+
+    def uncompressed_input(self, gradient: torch.Tensor, stored: Stored) -> torch.Tensor:
+        # A layer sent dense still averages momenta, not raw gradients: the rule keeps its meaning
+        # whichever path min_compression_rate puts a layer on (and costs no extra bytes).
+        return self._averaged(gradient, stored) if MOMENTUM in stored else gradient
+
+    def after_uncompressed(self, sent: torch.Tensor, stored: Stored) -> dict[str, torch.Tensor]:
+        return {MOMENTUM: sent.clone()}
 
     def update(self, stored: Stored, exchange: Exchange) -> FeedbackUpdate:
         # Recomputed rather than carried over from message_input: the same operation on the same

@@ -1,5 +1,5 @@
-"""The DDP comm hooks: one adapter (``base``) and one module per method."""
-from .base import HookState, comm_hook
+"""The DDP comm hooks: one adapter (``base``) and one module per method, each with its own hook."""
+from .base import HookState
 from .baseline import AllreduceState, BF16State, FP16State, allreduce_hook, bf16_hook, fp16_hook
 from .powersgd import PowerSGDState, powersgd_hook
 from .topk import TopKState, topk_hook
@@ -13,7 +13,6 @@ __all__ = [
     "TopKState",
     "allreduce_hook",
     "bf16_hook",
-    "comm_hook",
     "fp16_hook",
     "powersgd_hook",
     "topk_hook",

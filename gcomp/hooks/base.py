@@ -1,46 +1,57 @@
 """The DDP adapter every gcomp hook shares: bucket -> layers -> codec -> collectives -> bucket.
 
-A gcomp hook is ``hook(state, bucket) -> Future``. The hook itself does almost nothing on the
-autograd thread: it reads the bucket's layout, stamps it with the current sync step and queues the
-reduction on the state's communication thread (:mod:`gcomp.comm.worker`), which
+A gcomp hook is ``hook(state, bucket) -> Future``. On the autograd thread it only reads the
+bucket's layout, stamps it with the current sync step and queues the reduction on the state's
+communication thread (:mod:`gcomp.comm.worker`), which
 
-1. checks once that every rank runs the same method and hyperparameters, and once per new bucket
-   layout that every rank holds the same layers (a clear ``ValueError`` on every rank instead of a
-   hang or of silently mixed buckets);
+1. proves once that every rank runs the same method, hyperparameters and per-layer overrides,
+   and once per new bucket layout that every rank holds the same layers
+   (:func:`gcomp.comm.agreement.check_agreement`: a ``ValueError`` on every rank, never a hang);
 2. averages densely during the first ``warmup_steps`` sync steps, then calls the subclass's
    :meth:`HookState.reduce` (the codec: compression + collectives + decompression);
-3. at the end of each step commits the state updates the codec staged, or drops them when any
-   bucket of the step was non-finite (so a GradScaler-skipped step leaves no trace in error
-   buffers or warm-start factors).
+3. at the end of each step commits the state updates the codec staged in the
+   :class:`~gcomp.hooks.store.LayerStore`, or drops them if any bucket of the step was non-finite
+   (:class:`~gcomp.hooks.step.StepLifecycle`).
 
-State that must survive DDP's bucket rebuilds and checkpoint/restore is kept per layer name
-(:mod:`gcomp.hooks.layout`), split into *replicated* tensors (identical on every rank, e.g.
-PowerSGD's Q) and *per-rank* tensors (e.g. error-feedback residuals).
+The parts, each small: :class:`~gcomp.hooks.layout.ParameterNames` (stable layer names),
+:class:`~gcomp.hooks.store.LayerStore` (per-layer tensors, commit, checkpoint),
+:class:`~gcomp.hooks.step.StepLifecycle`, :class:`~gcomp.comm.Transport` (collectives, bytes),
+:class:`~gcomp.comm.CommWorker` (the thread; streams and futures via
+:class:`~gcomp.comm.DeviceRuntime`), :class:`~gcomp.metrics.TrafficStats` (what was sent).
+
+Devices: every tensor a codec creates is derived from the bucket (``new_empty``, ``*_like``) or
+names the bucket's device; shared random numbers are drawn on the CPU from a seeded generator and
+copied, so they are bitwise identical on every rank whatever the device.
 """
+import logging
 import math
 import warnings
 import zlib
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 
-from ..comm import CommWorker, Transport
+from ..comm import CommWorker, Transport, check_agreement
 from ..metrics import TrafficStats
-from .layout import BucketLayout, check_bucket_buffer
+from .layout import BucketLayout, ParameterNames, check_bucket_buffer
+from .step import StepLifecycle
+from .store import LayerStore
 
-STATE_FORMAT_VERSION = 1
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT_VERSION = 2
 
 
 class HookState(ABC):
     """Base class of every gcomp hook state.
 
-    Subclasses set ``method``, implement :meth:`reduce` and :meth:`config`, and list the names of
-    their per-layer tensors in ``replicated_tensors`` / ``per_rank_tensors``, and among those the
-    ones measured in gradient units (error-feedback residuals, gradient estimates, momenta) in
-    ``gradient_valued_tensors``: :meth:`set_gradient_scale` rescales them when the loss scale
-    changes.
+    Subclasses set ``method``, implement :meth:`reduce` (and extend :meth:`config`), and list the
+    names of their per-layer tensors in ``replicated_tensors`` / ``per_rank_tensors``, and among
+    those the ones measured in gradient units (error-feedback residuals, gradient estimates,
+    momenta) in ``gradient_valued_tensors``: :meth:`set_gradient_scale` rescales them when the loss
+    scale changes.
     """
 
     method: ClassVar[str] = "base"
@@ -55,25 +66,19 @@ class HookState(ABC):
         warmup_steps: int = 0,
         worker: Optional[CommWorker] = None,
     ) -> None:
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0 (sync steps of plain allreduce); got {warmup_steps!r}")
+        self.lifecycle = StepLifecycle(warmup_steps)
         self.transport = Transport(process_group)
         self.worker = worker if worker is not None else CommWorker(name=f"gcomp-{self.method}")
-        self.warmup_steps = warmup_steps
-        self.step = 0  # sync steps started; advanced when DDP hands over its last bucket
+        self.names = ParameterNames()
+        self.store = LayerStore(self.replicated_tensors, self.per_rank_tensors, self.gradient_valued_tensors)
         self.traffic = TrafficStats()
-        # Per-layer state: layer name -> tensor name -> tensor.
-        self.layer_state: dict[str, dict[str, torch.Tensor]] = {}
-        self._param_names: dict[int, str] = {}
         self._layouts: dict[tuple[int, int, int, int], BucketLayout] = {}
         self._verified_layouts: set[int] = set()
         self._config_verified = False
-        # Touched only by the communication thread while a step runs.
-        self._staged: list[Callable[[], None]] = []
-        self._step_finite = True
-        self._step_compressed = False
+        self._plans: dict[int, Any] = {}  # bucket layout fingerprint -> the subclass's plan
+        self._first_call = True
         # Optional plug-ins, both called on the communication thread: ``observer(name, shape,
-        # tensor)`` sees each layer's input to the compressor (for error profiling), and
+        # tensor)`` sees each compressed layer's input to the compressor (for error profiling), and
         # ``controller.on_step_end(steps)`` runs after every completed step (adaptive settings).
         self.observer: Optional[Callable[[str, tuple[int, ...], torch.Tensor], None]] = None
         self.controller: Optional[Any] = None
@@ -84,33 +89,64 @@ class HookState(ABC):
 
     # ------------------------------------------------------------------ to implement in subclasses
     def config(self) -> dict[str, Any]:
-        """Hyperparameters that must agree on every rank (plain values)."""
+        """Hyperparameters that must agree on every rank (plain values), overrides included."""
         return {"warmup_steps": self.warmup_steps}
+
+    def layer_overrides(self) -> Mapping[str, Any]:
+        """Per-layer settings given by name (``layer_ranks``, ``layer_densities``)."""
+        return {}
 
     @abstractmethod
     def reduce(self, buffer: torch.Tensor, layout: BucketLayout, step: int) -> torch.Tensor:
         """Average ``buffer`` over ranks (compressed). Runs on the communication thread; may block.
 
         Must issue the same collectives in the same order on every rank, write the averaged
-        gradient into ``buffer`` (or return a tensor of its shape), and defer state updates with
-        :meth:`stage` so they can be dropped if the step turns out non-finite.
+        gradient into ``buffer`` (or return a tensor of its shape), create tensors on
+        ``buffer.device`` only, and defer state updates with ``self.store.stage`` so they can be
+        dropped if the step turns out non-finite.
         """
 
     # ------------------------------------------------------------------ public interface
+    @property
+    def warmup_steps(self) -> int:
+        return self.lifecycle.warmup_steps
+
+    @property
+    def step(self) -> int:
+        """Sync steps handed over so far."""
+        return self.lifecycle.started
+
+    @property
+    def layer_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Committed per-layer tensors, ``{layer name: {tensor name: tensor}}`` (read-only use)."""
+        return self.store.layers
+
     def attach(self, module: torch.nn.Module) -> "HookState":
-        """Learn parameter names from ``module`` (the DDP model or the module it wraps), so that
-        state is keyed by name and survives bucket rebuilds and checkpoint/restore."""
-        target = module.module if hasattr(module, "module") and isinstance(module.module, torch.nn.Module) else module
-        self._param_names = {id(param): name for name, param in target.named_parameters()}
+        """Name layers after ``module``'s parameters (the DDP model or the module it wraps).
+        ``gcomp.register`` does this; when the hook is registered the PyTorch way the names are
+        found from the DDP model at the first step, so calling it is only needed for models that
+        are not a ``DistributedDataParallel``."""
+        self.names.learn(module)
         self._layouts.clear()
+        self._config_verified = False
         return self
 
     def stats(self) -> dict[str, Any]:
         """Cumulative traffic: ``steps``, ``bytes_sent``, ``bytes_received``, ``bytes_uncompressed``,
-        ``compression_ratio`` and per-layer detail under ``layers`` (see :mod:`gcomp.metrics`)."""
+        ``compression_ratio`` (None until a step ran), ``seconds`` per phase and per-layer detail
+        under ``layers`` (see :mod:`gcomp.metrics`)."""
         out = self.traffic.summary()
         out["method"] = self.method
+        out["state_bytes"] = self.memory_bytes()
         return out
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this state holds on the gradients' device, by kind: ``state`` (tensors carried
+        from step to step) and ``workspace`` (buffers kept to avoid re-allocation)."""
+        return {"state": self.store.nbytes(), "workspace": self._workspace_bytes()}
+
+    def _workspace_bytes(self) -> int:
+        return 0
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's state: tensors and plain values only (loads with ``weights_only=True``).
@@ -120,12 +156,9 @@ class HookState(ABC):
             "method": self.method,
             "config": self.config(),
             "world_size": self.transport.world_size if dist.is_initialized() else None,
-            "step": self.step,
+            "step": self.lifecycle.started,
             "traffic": self.traffic.state_dict(),
-            "layers": {
-                name: {key: tensor.detach().clone() for key, tensor in tensors.items()}
-                for name, tensors in self.layer_state.items()
-            },
+            "layers": self.store.state_dict(),
             "controller": self.controller.state_dict() if self.controller is not None else None,
             "gradient_scale": self._gradient_scale,
         }
@@ -148,26 +181,24 @@ class HookState(ABC):
                 "state that no longer fits is re-initialised",
                 stacklevel=2,
             )
-        keep = set(self.replicated_tensors) | set(self.per_rank_tensors)
         saved_world = state.get("world_size")
+        keep_per_rank = True
         if saved_world is not None and dist.is_initialized() and saved_world != self.transport.world_size:
             warnings.warn(
                 f"gcomp: checkpoint from world size {saved_world} loaded into world size "
                 f"{self.transport.world_size}; per-rank error buffers are reset, replicated state is kept",
                 stacklevel=2,
             )
-            keep = set(self.replicated_tensors)
-        self.step = int(state["step"])
+            keep_per_rank = False
+        self.lifecycle.started = int(state["step"])
         self.traffic.load_state_dict(state.get("traffic", {}))
-        self.layer_state = {
-            name: {key: tensor.clone() for key, tensor in tensors.items() if key in keep}
-            for name, tensors in state.get("layers", {}).items()
-        }
+        self.store.load_state_dict(state.get("layers", {}), keep_per_rank)
         if self.controller is not None and state.get("controller") is not None:
             self.controller.load_state_dict(state["controller"])
         saved_scale = state.get("gradient_scale")
         self._gradient_scale = float(saved_scale) if saved_scale is not None else None
         self._requested_gradient_scale = self._gradient_scale
+        self.settings_changed()
 
     def close(self) -> None:
         """Stop the communication thread (call before ``destroy_process_group``)."""
@@ -194,144 +225,131 @@ class HookState(ABC):
         self._requested_gradient_scale = float(scale)
 
     # ------------------------------------------------------------------ helpers for subclasses
-    def stage(self, commit: Callable[[], None]) -> None:
-        """Defer a state update to the end of the step; it is dropped if the step is non-finite."""
-        self._staged.append(commit)
+    def settings_changed(self) -> None:
+        """Per-layer settings changed (call between steps, on every rank alike): plans are rebuilt
+        and the new settings are proven equal on every rank before the next exchange."""
+        self._plans.clear()
+        self._config_verified = False
 
-    def mark_non_finite(self) -> None:
-        """Called by a codec when the agreed (all-reduced) data of a bucket is non-finite."""
-        self._step_finite = False
-
-    def layer_tensor(self, layer: str, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> Optional[torch.Tensor]:
-        """The stored tensor ``key`` of ``layer`` if it exists with this shape and dtype, else None
-        (a stale entry, e.g. from a checkpoint with another rank setting, is forgotten)."""
-        tensors = self.layer_state.get(layer)
-        if tensors is None or key not in tensors:
-            return None
-        tensor = tensors[key]
-        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-            del tensors[key]
-            return None
-        return tensor
-
-    def set_layer_tensor(self, layer: str, key: str, tensor: torch.Tensor) -> None:
-        self.layer_state.setdefault(layer, {})[key] = tensor
+    def plan_for(self, layout: BucketLayout, build: Callable[[BucketLayout], Any]) -> Any:
+        """The subclass's plan for ``layout`` (which layers are compressed how), built once per
+        layout and settings."""
+        key = layout.fingerprint()
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = build(layout)
+        return plan
 
     def dense_average_(self, buffer: torch.Tensor) -> torch.Tensor:
         """Plain averaging allreduce, in place (divide first: safe for half precision)."""
         buffer.div_(self.transport.world_size)
         return self.transport.allreduce_sum_(buffer, self.traffic)
 
-    def shared_generator(self, *keys: Any) -> torch.Generator:
-        """A CPU generator seeded from ``keys`` alone, so every rank draws the same numbers
-        without touching the global RNG."""
+    def shared_randn(self, shape: tuple[int, ...], keys: tuple[Any, ...], like: torch.Tensor) -> torch.Tensor:
+        """Standard normal numbers seeded by ``keys`` alone, on ``like``'s device and dtype: drawn on
+        the CPU (the same bits on every rank and device, no global RNG touched), then copied."""
         seed = zlib.crc32("|".join(str(k) for k in keys).encode("utf-8"))
-        return torch.Generator().manual_seed(seed)
+        values = torch.randn(shape, generator=torch.Generator(device="cpu").manual_seed(seed), dtype=torch.float32, device="cpu")
+        return values.to(device=like.device, dtype=like.dtype)
 
     # ------------------------------------------------------------------ the adapter
     def submit_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future:
         """What every gcomp hook does: queue this bucket's reduction, return its future."""
         buffer = bucket.buffer()
         check_bucket_buffer(buffer)
-        self.transport.ensure_group()
+        if self._first_call:
+            self._first_call = False
+            self.transport.ensure_group()
+            if self.names.source == "none" and self.names.discover(self):
+                logger.info("gcomp: %s state found its DDP model; layers are named after its parameters", self.method)
         layout = self._layout_for(bucket)
-        step = self.step
+        step = self.lifecycle.begin_bucket(bucket.is_last())
         is_last = bucket.is_last()
-        if is_last:
-            self.step += 1
         scale = self._requested_gradient_scale  # read here: every bucket of a backward sees the same
-        return self.worker.submit(lambda: self._reduce_job(buffer, layout, step, is_last, scale))
+        return self.worker.submit(lambda: self._reduce_job(buffer, layout, step, is_last, scale), buffer.device)
 
     def _layout_for(self, bucket: dist.GradBucket) -> BucketLayout:
         params = bucket.parameters()
         key = (bucket.index(), bucket.buffer().numel(), id(params[0]), id(params[-1]))
         layout = self._layouts.get(key)
         if layout is None:
-            layout = self._layouts[key] = BucketLayout.from_bucket(bucket, self._param_names)
+            layout = self._layouts[key] = BucketLayout.from_bucket(bucket, self.names)
         return layout
 
     def _reduce_job(
         self, buffer: torch.Tensor, layout: BucketLayout, step: int, is_last: bool, scale: Optional[float]
     ) -> torch.Tensor:
         if scale is not None and scale != self._gradient_scale:
-            self._rescale_gradient_valued(scale)
+            if self._gradient_scale is not None:
+                self.store.rescale_gradient_valued(scale / self._gradient_scale)
+            self._gradient_scale = scale
         if not self._config_verified:
-            self._verify_config()
+            self._verify_config(buffer.device)
         fingerprint = layout.fingerprint()
         if fingerprint not in self._verified_layouts:
-            self._verify_layout(layout, fingerprint)
+            check_agreement(
+                self.transport, self.worker.runtime, "the layers of a gradient bucket", layout.describe(), buffer.device,
+                hint="Different models, parameter names or bucket_cap_mb on different ranks?",
+            )
+            self._verified_layouts.add(fingerprint)
         self.traffic.bytes_uncompressed += buffer.numel() * buffer.element_size()
-        if step < self.warmup_steps:
+        if self.lifecycle.in_warmup(step):
             for slot in layout.layers:
                 nbytes = slot.numel * buffer.element_size()
                 self.traffic.record_layer(slot.name, slot.shape, "dense (warm-up)", nbytes, nbytes)
             result = self.dense_average_(buffer)
         else:
-            self._step_compressed = True
+            self.lifecycle.mark_compressed()
             result = self.reduce(buffer, layout, step)
         if is_last:
-            self._finish_step()
+            self.lifecycle.finish(self.store, self.traffic)
+            if step == 0:
+                self._check_override_names()
+            if self.controller is not None:
+                self.controller.on_step_end(self.traffic.steps)
         return result
 
-    def _rescale_gradient_valued(self, scale: float) -> None:
-        """Bring the stored gradient-valued tensors to loss scale ``scale`` (communication thread,
-        between steps: the previous step's updates are committed, this step's not yet staged)."""
-        if self._gradient_scale is not None:
-            ratio = scale / self._gradient_scale
-            for tensors in self.layer_state.values():
-                for key in self.gradient_valued_tensors:
-                    if key in tensors:
-                        tensors[key].mul_(ratio)
-        self._gradient_scale = scale
-
-    def _finish_step(self) -> None:
-        if self._step_finite:
-            for commit in self._staged:
-                commit()
-        else:
-            self.traffic.skipped_steps += 1
-        self.traffic.steps += 1
-        if self._step_compressed:
-            self.traffic.compressed_steps += 1
-        self._staged.clear()
-        self._step_finite = True
-        self._step_compressed = False
-        if self.controller is not None:
-            self.controller.on_step_end(self.traffic.steps)
-
-    def _verify_config(self) -> None:
-        """Every rank must run the same method with the same hyperparameters."""
-        mine = {"method": self.method, **self.config()}
-        everyone: list[Any] = [None] * self.transport.world_size
-        dist.all_gather_object(everyone, mine, group=self.transport.process_group)
+    def _verify_config(self, device: torch.device) -> None:
+        """Every rank must run the same method with the same hyperparameters and overrides, and
+        the overrides must name layers of the model."""
+        unknown = self._unknown_override_names() if self.names.source == "module" else []
+        check_agreement(
+            self.transport, self.worker.runtime, "the compression configuration",
+            {"method": self.method, **self.config(), "overrides": dict(self.layer_overrides()), "unknown_layer_names": unknown},
+            device,
+            hint="Use the same method and options on every rank.",
+        )
         self._config_verified = True
-        for rank, theirs in enumerate(everyone):
-            if theirs != everyone[0]:
-                raise ValueError(
-                    "gcomp: ranks disagree on the compression configuration: "
-                    f"rank 0 has {everyone[0]}, rank {rank} has {theirs}. Use the same method and options on every rank."
-                )
+        self._raise_unknown(unknown)
 
-    def _verify_layout(self, layout: BucketLayout, fingerprint: int) -> None:
-        """Every rank must hold the same layers in this bucket before data is exchanged."""
-        mine = torch.tensor([fingerprint, layout.length], dtype=torch.int64)
-        everyone = self.transport.allgather(mine, traffic=None)
-        if not bool((everyone == everyone[0]).all()):
-            raise ValueError(
-                "gcomp: ranks hold different gradient buckets (different models, parameter names or "
-                f"bucket_cap_mb?): bucket fingerprints/lengths per rank {everyone.tolist()}"
-            )
-        self._verified_layouts.add(fingerprint)
+    def _check_override_names(self) -> None:
+        """Without module names, overrides can only be checked once every bucket was seen."""
+        if self.names.source != "module":
+            self._raise_unknown(self._unknown_override_names())
+
+    def _unknown_override_names(self) -> list[str]:
+        known = set(self.names.known)
+        return sorted(name for name in self.layer_overrides() if name not in known)
+
+    def _raise_unknown(self, unknown: list[str]) -> None:
+        if unknown:
+            known = list(self.names.known)
+            shown = ", ".join(known[:20]) + (f", ... ({len(known)} in all)" if len(known) > 20 else "")
+            raise ValueError(f"gcomp: per-layer overrides name unknown layers {unknown}; known layers: {shown}")
 
 
-def comm_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """The DDP comm hook of every gcomp method: ``ddp.register_comm_hook(state, comm_hook)``.
+def make_hook(state_type: type, name: str) -> Callable[..., torch.futures.Future]:
+    """The DDP comm hook of one method: it accepts only that method's state, so a state of
+    another method passed by mistake fails at once instead of silently running that method.
 
     (Real, not postponed, annotations: DDP checks them when the hook is registered.)
-
-    The method is chosen by the state (``PowerSGDState``, ``AllreduceState``, ...); the hook only
-    queues the bucket on the state's communication thread and returns the future DDP waits on.
     """
-    if not isinstance(state, HookState):
-        raise TypeError(f"gcomp hooks need a gcomp state (e.g. gcomp.PowerSGDState); got {type(state).__name__}")
-    return state.submit_bucket(bucket)
+
+    def hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        if not isinstance(state, state_type):
+            raise TypeError(f"gcomp.{name} needs a gcomp.{state_type.__name__}; got {type(state).__name__}")
+        return state.submit_bucket(bucket)
+
+    hook.__name__ = hook.__qualname__ = name
+    hook.__doc__ = f"DDP comm hook of :class:`{state_type.__name__}`: ``ddp.register_comm_hook(state, gcomp.{name})``."
+    return hook

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from .base import HookState, comm_hook
+from ..metrics import TrafficStats
+from .base import HookState, make_hook
 from .layout import BucketLayout
 
 
@@ -38,8 +39,11 @@ class CastState(HookState):
         return {**super().config(), "wire_dtype": str(self.wire_dtype)}
 
     def reduce(self, buffer: torch.Tensor, layout: BucketLayout, step: int) -> torch.Tensor:
-        wire = buffer.to(self.wire_dtype)
-        wire.div_(self.transport.world_size)
+        # As PyTorch's fp16 hook: narrow, then divide before the sum. A value that overflows
+        # becomes inf in the sum on every rank; there is no state here, so GradScaler's skip of
+        # the step is all that is needed.
+        with TrafficStats.timed(self.traffic, "compress"):
+            wire = buffer.to(self.wire_dtype).div_(self.transport.world_size)
         self.transport.allreduce_sum_(wire, self.traffic)
         element = wire.element_size()
         for slot in layout.layers:
@@ -60,7 +64,6 @@ class BF16State(CastState):
     wire_dtype = torch.bfloat16
 
 
-# PyTorch-style names for the (state, hook) pair; every gcomp state works with the same hook.
-allreduce_hook = comm_hook
-fp16_hook = comm_hook
-bf16_hook = comm_hook
+allreduce_hook = make_hook(AllreduceState, "allreduce_hook")
+fp16_hook = make_hook(FP16State, "fp16_hook")
+bf16_hook = make_hook(BF16State, "bf16_hook")

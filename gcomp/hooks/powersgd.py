@@ -43,7 +43,8 @@ import torch.distributed as dist
 
 from ..comm import CommWorker
 from ..compress.lowrank import effective_rank, matrix_shape, orthogonalize_, should_compress
-from .base import HookState, comm_hook
+from ..metrics import TrafficStats
+from .base import HookState, make_hook
 from .layout import BucketLayout, LayerSlot
 
 
@@ -66,9 +67,17 @@ class _MatrixGroup:
     def q_numel(self) -> int:
         return len(self.layers) * self.m * self.rank
 
+    def p_view(self, p_all: torch.Tensor) -> torch.Tensor:
+        return p_all.narrow(0, self.p_offset, self.p_numel).view(len(self.layers), self.n, self.rank)
+
+    def q_view(self, q_all: torch.Tensor) -> torch.Tensor:
+        return q_all.narrow(0, self.q_offset, self.q_numel).view(len(self.layers), self.m, self.rank)
+
 
 @dataclass(frozen=True)
-class _BucketPlan:
+class PowerSGDPlan:
+    """How one bucket layout is reduced: dense leftovers, and compressed matrices by group."""
+
     dense: tuple[LayerSlot, ...]
     dense_numel: int
     groups: tuple[_MatrixGroup, ...]
@@ -97,7 +106,6 @@ class PowerSGDState(HookState):
 
         state = gcomp.PowerSGDState(rank=4, warmup_steps=100)
         ddp_model.register_comm_hook(state, gcomp.powersgd_hook)
-        state.attach(ddp_model)   # optional: key state by parameter name (robust checkpoints)
     """
 
     method = "powersgd"
@@ -141,7 +149,6 @@ class PowerSGDState(HookState):
         self.orthogonalization_epsilon = float(orthogonalization_epsilon)
         self.seed = seed
         self.layer_ranks: dict[str, int] = {}
-        self._plans: dict[int, _BucketPlan] = {}
         self._workspaces: dict[tuple[int, int, torch.dtype], list[torch.Tensor]] = {}
         if layer_ranks:
             self.set_layer_ranks(layer_ranks)
@@ -157,15 +164,26 @@ class PowerSGDState(HookState):
             "seed": self.seed,
         }
 
+    def layer_overrides(self) -> Mapping[str, int]:
+        return self.layer_ranks
+
     def set_layer_ranks(self, layer_ranks: Mapping[str, int]) -> None:
-        """Per-layer ranks (applied from the next bucket on; call between steps). A layer whose
-        rank changes keeps the leading columns of its warm-start Q; new columns come from the
-        shared generator, so all ranks stay identical."""
+        """Per-layer ranks ``{parameter name: rank}`` (applied from the next bucket on; call
+        between steps, on every rank alike: the next step proves every rank holds the same). A
+        layer whose rank changes keeps the leading columns of its warm-start Q; new columns come
+        from the shared generator, so all ranks stay identical. Unknown names raise at that step."""
+        if not isinstance(layer_ranks, Mapping):
+            raise TypeError(f"layer_ranks must be a mapping {{parameter name: rank}}; got {layer_ranks!r}")
         for name, rank in layer_ranks.items():
+            if not isinstance(name, str):
+                raise TypeError(f"layer_ranks keys must be parameter names (str); got {name!r}")
             _check_rank(f"layer_ranks[{name!r}]", rank)
         self.layer_ranks = dict(layer_ranks)
-        self._plans.clear()
         self._workspaces.clear()
+        self.settings_changed()
+
+    def _workspace_bytes(self) -> int:
+        return sum(w.numel() * w.element_size() for pool in self._workspaces.values() for w in pool)
 
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()
@@ -177,11 +195,7 @@ class PowerSGDState(HookState):
         self.set_layer_ranks(state.get("layer_ranks", {}))
 
     # ------------------------------------------------------------------ the codec
-    def _plan(self, layout: BucketLayout) -> _BucketPlan:
-        key = layout.fingerprint()
-        plan = self._plans.get(key)
-        if plan is not None:
-            return plan
+    def _build_plan(self, layout: BucketLayout) -> PowerSGDPlan:
         dense: list[LayerSlot] = []
         grouped: dict[tuple[int, int, int], list[LayerSlot]] = {}
         for slot in layout.layers:
@@ -198,135 +212,141 @@ class PowerSGDState(HookState):
             groups.append(group)
             p_offset += group.p_numel
             q_offset += group.q_numel
-        plan = _BucketPlan(
+        return PowerSGDPlan(
             dense=tuple(dense), dense_numel=sum(s.numel for s in dense), groups=tuple(groups), p_numel=p_offset, q_numel=q_offset
         )
-        self._plans[key] = plan
-        return plan
 
-    def _initial_q(self, layer: str, m: int, rank: int, step: int, dtype: torch.dtype) -> torch.Tensor:
+    def _initial_q(self, layer: str, m: int, rank: int, step: int, like: torch.Tensor) -> torch.Tensor:
         """Q for ``layer`` this step: the stored warm-start factor (its leading columns if the rank
-        grew or shrank) completed by columns from the shared generator."""
-        stored = self.layer_state.get(layer, {}).get("q") if self.warm_start else None
-        if stored is not None and (stored.shape[0] != m or stored.dtype != dtype):
+        grew or shrank) completed by columns from the shared generator, on ``like``'s device."""
+        stored = self.store.peek(layer, "q") if self.warm_start else None
+        if stored is not None and (stored.shape[0] != m or stored.dtype != like.dtype):
             stored = None
+        if stored is not None and stored.device != like.device:
+            stored = stored.to(like.device)
         kept = 0 if stored is None else min(rank, stored.shape[1])
         if kept == rank:
-            return stored[:, :rank]
+            return stored.narrow(1, 0, rank)
         seed_step = "warm" if self.warm_start else step
-        fresh = torch.randn(m, rank - kept, generator=self.shared_generator(self.seed, layer, rank, seed_step), dtype=torch.float32)
-        fresh = orthogonalize_(fresh.to(dtype).unsqueeze(0), self.orthogonalization_epsilon)[0]
-        return fresh if kept == 0 else torch.cat([stored[:, :kept], fresh], dim=1)
+        fresh = self.shared_randn((m, rank - kept), (self.seed, layer, rank, seed_step), like)
+        fresh = orthogonalize_(fresh.unsqueeze(0), self.orthogonalization_epsilon)[0]
+        return fresh if kept == 0 else torch.cat([stored.narrow(1, 0, kept), fresh], dim=1)
 
-    def _workspace(self, layout: BucketLayout, index: int, group: _MatrixGroup, dtype: torch.dtype) -> torch.Tensor:
+    def _workspace(self, layout: BucketLayout, index: int, group: _MatrixGroup, like: torch.Tensor) -> torch.Tensor:
         """A persistent ``(b, n, m)`` tensor for this group's ``M`` that does not hold the residual
         the group reads this step. Two per group alternate: the committed residuals are views of
         one, so ``M = g + e`` is written into the other. A step that is dropped (non-finite)
         commits nothing and its workspace is simply reused next step."""
-        key = (layout.fingerprint(), index, dtype)
+        key = (layout.fingerprint(), index, like.dtype)
         pool = self._workspaces.setdefault(key, [])
         busy = set()
         for slot in group.layers:
-            residual = self.layer_state.get(slot.name, {}).get("error")
+            residual = self.store.peek(slot.name, "error")
             if residual is not None:
                 busy.add(residual.untyped_storage().data_ptr())
         for workspace in pool:
-            if workspace.untyped_storage().data_ptr() not in busy:
+            if workspace.untyped_storage().data_ptr() not in busy and workspace.device == like.device:
                 return workspace
-        workspace = torch.empty((len(group.layers), group.n, group.m), dtype=dtype)
+        workspace = like.new_empty((len(group.layers), group.n, group.m))
         if len(pool) < 2:
             pool.append(workspace)
         return workspace
 
     def reduce(self, buffer: torch.Tensor, layout: BucketLayout, step: int) -> torch.Tensor:
-        plan = self._plan(layout)
+        plan: PowerSGDPlan = self.plan_for(layout, self._build_plan)
         world = self.transport.world_size
         dtype = torch.float64 if buffer.dtype == torch.float64 else torch.float32
         element = torch.finfo(dtype).bits // 8
 
         # Collective 1: [dense leftovers | P of every compressed layer].
-        message = torch.empty(plan.dense_numel + plan.p_numel, dtype=dtype)
-        position = 0
-        for slot in plan.dense:
-            message[position : position + slot.numel].copy_(buffer[slot.offset : slot.offset + slot.numel])
-            position += slot.numel
-        p_all = message[plan.dense_numel :]
-
-        inputs: list[torch.Tensor] = []
-        for group_index, group in enumerate(plan.groups):
-            matrices = self._workspace(layout, group_index, group, dtype)
-            factors = torch.empty((len(group.layers), group.m, group.rank), dtype=dtype)
-            for index, slot in enumerate(group.layers):
-                gradient = buffer[slot.offset : slot.offset + slot.numel].view(group.n, group.m)
-                residual = (
-                    self.layer_tensor(slot.name, "error", (group.n, group.m), dtype) if self.error_feedback else None
-                )
-                if residual is not None:
-                    torch.add(gradient, residual, out=matrices[index])
-                else:
-                    matrices[index].copy_(gradient)
-                factors[index].copy_(self._initial_q(slot.name, group.m, group.rank, step, dtype))
-            p = p_all[group.p_offset : group.p_offset + group.p_numel].view(len(group.layers), group.n, group.rank)
-            torch.bmm(matrices, factors, out=p)
-            inputs.append(matrices)
-            if self.observer is not None:
+        with TrafficStats.timed(self.traffic, "compress"):
+            message = buffer.new_empty(plan.dense_numel + plan.p_numel, dtype=dtype)
+            position = 0
+            for slot in plan.dense:
+                message.narrow(0, position, slot.numel).copy_(slot.flat(buffer))
+                position += slot.numel
+            p_all = message.narrow(0, plan.dense_numel, plan.p_numel)
+            inputs: list[torch.Tensor] = []
+            for group_index, group in enumerate(plan.groups):
+                matrices = self._workspace(layout, group_index, group, message)
+                factors = message.new_empty((len(group.layers), group.m, group.rank))
                 for index, slot in enumerate(group.layers):
-                    self.observer(slot.name, slot.shape, matrices[index])
+                    gradient = slot.flat(buffer).view(group.n, group.m)
+                    residual = (
+                        self.store.get(slot.name, "error", (group.n, group.m), dtype, buffer.device) if self.error_feedback else None
+                    )
+                    if residual is not None:
+                        torch.add(gradient, residual, out=matrices[index])
+                    else:
+                        matrices[index].copy_(gradient)
+                    factors[index].copy_(self._initial_q(slot.name, group.m, group.rank, step, message))
+                torch.bmm(matrices, factors, out=group.p_view(p_all))
+                inputs.append(matrices)
 
         self.transport.allreduce_sum_(message, self.traffic)
-        self._record_traffic(layout, plan, buffer.element_size(), element)
+        self._record_traffic(plan, buffer.element_size(), element)
 
-        if not bool(torch.isfinite(message).all()):
+        if not self.worker.runtime.all_finite(message):
             # Some rank had inf/NaN (in a dense leftover, or in a compressed layer's input, which
             # makes its rows of P non-finite): every rank sees the same non-finite sum, so every
             # rank skips the Q exchange, leaves its state untouched and hands GradScaler a
             # non-finite bucket.
-            self.mark_non_finite()
+            self.lifecycle.mark_non_finite()
             self._write_dense(buffer, plan, message, world)
             for group in plan.groups:
                 for slot in group.layers:
-                    buffer[slot.offset : slot.offset + slot.numel].fill_(math.nan)
+                    slot.flat(buffer).fill_(math.nan)
             return buffer
         self._write_dense(buffer, plan, message, world)
+        if self.observer is not None:  # only finite steps are profiled
+            for group, matrices in zip(plan.groups, inputs):
+                for index, slot in enumerate(group.layers):
+                    self.observer(slot.name, slot.shape, matrices[index])
 
         # Collective 2: Q of every compressed layer.
-        q_all = torch.empty(plan.q_numel, dtype=dtype)
-        for group, matrices in zip(plan.groups, inputs):
-            p = p_all[group.p_offset : group.p_offset + group.p_numel].view(len(group.layers), group.n, group.rank)
-            orthogonalize_(p, self.orthogonalization_epsilon)
-            q = q_all[group.q_offset : group.q_offset + group.q_numel].view(len(group.layers), group.m, group.rank)
-            torch.bmm(matrices.transpose(1, 2), p, out=q)
+        with TrafficStats.timed(self.traffic, "compress"):
+            q_all = message.new_empty(plan.q_numel)
+            for group, matrices in zip(plan.groups, inputs):
+                p = group.p_view(p_all)
+                orthogonalize_(p, self.orthogonalization_epsilon)
+                torch.bmm(matrices.transpose(1, 2), p, out=group.q_view(q_all))
         if plan.q_numel:
             self.transport.allreduce_sum_(q_all, self.traffic)
             q_all.div_(world)
 
-        for group, matrices in zip(plan.groups, inputs):
-            p = p_all[group.p_offset : group.p_offset + group.p_numel].view(len(group.layers), group.n, group.rank)
-            q = q_all[group.q_offset : group.q_offset + group.q_numel].view(len(group.layers), group.m, group.rank)
-            if buffer.dtype == dtype:
-                # P Q^T straight into the bucket, then the residual from it: no temporary.
-                for index, slot in enumerate(group.layers):
-                    approximation = buffer[slot.offset : slot.offset + slot.numel].view(group.n, group.m)
-                    torch.mm(p[index], q[index].T, out=approximation)
+        with TrafficStats.timed(self.traffic, "decompress"):
+            for group, matrices in zip(plan.groups, inputs):
+                p, q = group.p_view(p_all), group.q_view(q_all)
+                if buffer.dtype == dtype:
+                    # P Q^T straight into the bucket, then the residual from it: no temporary.
+                    for index, slot in enumerate(group.layers):
+                        approximation = slot.flat(buffer).view(group.n, group.m)
+                        torch.mm(p[index], q[index].T, out=approximation)
+                        if self.error_feedback:
+                            matrices[index].sub_(approximation)  # now the residual
+                else:  # half-precision bucket: the residual keeps the fp32 approximation
+                    approximations = torch.bmm(p, q.transpose(1, 2))
+                    for index, slot in enumerate(group.layers):
+                        slot.flat(buffer).view(group.n, group.m).copy_(approximations[index])
                     if self.error_feedback:
-                        matrices[index].sub_(approximation)  # now the residual
-            else:  # half-precision bucket: the residual keeps the fp32 approximation
-                approximations = torch.bmm(p, q.transpose(1, 2))
+                        matrices.sub_(approximations)
                 for index, slot in enumerate(group.layers):
-                    buffer[slot.offset : slot.offset + slot.numel].view(group.n, group.m).copy_(approximations[index])
-                if self.error_feedback:
-                    matrices.sub_(approximations)
-            self.stage(_Commit(self, group, matrices if self.error_feedback else None, q if self.warm_start else None))
+                    update = {}
+                    if self.error_feedback:
+                        update["error"] = matrices[index]
+                    if self.warm_start:
+                        update["q"] = q[index]
+                    self.store.stage(slot.name, update)
         return buffer
 
-    def _write_dense(self, buffer: torch.Tensor, plan: _BucketPlan, message: torch.Tensor, world: int) -> None:
-        dense = message[: plan.dense_numel].div_(world)
+    def _write_dense(self, buffer: torch.Tensor, plan: PowerSGDPlan, message: torch.Tensor, world: int) -> None:
+        dense = message.narrow(0, 0, plan.dense_numel).div_(world)
         position = 0
         for slot in plan.dense:
-            buffer[slot.offset : slot.offset + slot.numel].copy_(dense[position : position + slot.numel])
+            slot.flat(buffer).copy_(dense.narrow(0, position, slot.numel))
             position += slot.numel
 
-    def _record_traffic(self, layout: BucketLayout, plan: _BucketPlan, bucket_element: int, element: int) -> None:
+    def _record_traffic(self, plan: PowerSGDPlan, bucket_element: int, element: int) -> None:
         for slot in plan.dense:
             self.traffic.record_layer(slot.name, slot.shape, "dense", slot.numel * element, slot.numel * bucket_element)
         for group in plan.groups:
@@ -336,27 +356,9 @@ class PowerSGDState(HookState):
                 )
 
 
-@dataclass
-class _Commit:
-    """End-of-step update of one matrix group's residuals and warm-start factors."""
-
-    state: PowerSGDState
-    group: _MatrixGroup
-    residuals: Optional[torch.Tensor]
-    factors: Optional[torch.Tensor]
-
-    def __call__(self) -> None:
-        for index, slot in enumerate(self.group.layers):
-            if self.residuals is not None:
-                self.state.set_layer_tensor(slot.name, "error", self.residuals[index])
-            if self.factors is not None:
-                self.state.set_layer_tensor(slot.name, "q", self.factors[index])
-
-
 def _check_rank(name: str, rank: Any) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"{name} must be an integer >= 1 (the rank of the low-rank approximation); got {rank!r}")
 
 
-# PyTorch-style name for the (state, hook) pair.
-powersgd_hook = comm_hook
+powersgd_hook = make_hook(PowerSGDState, "powersgd_hook")

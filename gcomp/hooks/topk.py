@@ -8,16 +8,23 @@ Follow one bucket through :meth:`TopKState.reduce`:
    averaged densely once to initialise its estimates.
 2. Per sparse layer the feedback rule (:mod:`gcomp.feedback`) says what to send, e.g.
    ``g + e`` for EF14 or ``g - g_i`` for EF21.
-3. **Collective 1**: one allreduce of ``[dense leftovers | gradients of layers initialised this
-   step | health flag]``.
-4. **Collective 2**: one allgather of this rank's packed message (the k largest-``|x|`` entries of
-   every sparse layer: values plus bit-packed indices or a bitmap; the same size on every rank).
-   Top-k supports differ between ranks, so the messages cannot be summed by an allreduce.
-5. Decode all messages in rank order into one accumulator, scaled by ``1 / world``: bitwise the
-   same on every rank, so replicated estimates stay identical. This rank's own message is decoded
-   too, so sender and receivers use the same (possibly half-precision) values.
+3. Pack this rank's message (the k largest-``|x|`` entries of every sparse layer: values plus
+   bit-packed indices or a bitmap; the same size on every rank) and decode it again, so sender and
+   receivers use the same (possibly half-precision) values.
+4. **Collective 1**: one allreduce, in the bucket's dtype, of ``[dense leftovers | gradients of
+   layers initialised this step | health flag]``. The flag is non-finite when this rank's
+   gradients or its *decoded message* are: a value that overflowed the wire dtype (float16 holds
+   at most 65504, less than GradScaler's initial scale) makes every rank skip the step together.
+5. **Collective 2**: one allgather of the packed messages. Top-k supports differ between ranks,
+   so the messages cannot be summed by an allreduce. Decode all messages in rank order into one
+   accumulator, scaled by ``1 / world``: bitwise the same on every rank, so replicated estimates
+   stay identical.
 6. The rule turns ``(own, mean)`` into new state (staged: committed at the end of the step unless
    some bucket was non-finite) and the averaged gradient written into the bucket.
+
+Dense leftovers travel in the bucket's dtype (as DDP would send them); for float16/bfloat16
+buckets they are divided by the world size before the sum, as DDP does, so the sum cannot
+overflow where the mean fits.
 
 Tuning guide:
 
@@ -38,7 +45,6 @@ Tuning guide:
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
@@ -46,10 +52,11 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
-from ..comm import CommWorker
+from ..comm import CommWorker, check_agreement
 from ..compress.sparse import sparse_message_layout
 from ..feedback import ERROR, ESTIMATE, LOCAL_ESTIMATE, MOMENTUM, Exchange, FeedbackRule, make_feedback_rule
-from .base import HookState, comm_hook
+from ..metrics import TrafficStats
+from .base import HookState, make_hook
 from .layout import BucketLayout, LayerSlot
 
 VALUE_DTYPE_NAMES: tuple[str, ...] = ("float32", "float16", "bfloat16")
@@ -66,7 +73,9 @@ class _SparseLayer:
 
 
 @dataclass(frozen=True)
-class _BucketPlan:
+class TopKPlan:
+    """How one bucket layout is reduced: layers sent dense, and layers sent as top-k messages."""
+
     dense: tuple[LayerSlot, ...]
     sparse: tuple[_SparseLayer, ...]
 
@@ -91,7 +100,6 @@ class TopKState(HookState):
 
         state = gcomp.TopKState(density=0.01, feedback="ef21", warmup_steps=100)
         ddp_model.register_comm_hook(state, gcomp.topk_hook)
-        state.attach(ddp_model)   # optional: key state by parameter name (robust checkpoints)
     """
 
     method = "topk"
@@ -131,7 +139,6 @@ class TopKState(HookState):
         self.min_compression_rate = float(min_compression_rate)
         self.rule: FeedbackRule = rule
         self.layer_densities: dict[str, float] = {}
-        self._plans: dict[int, _BucketPlan] = {}
         # Layouts whose split into compressed / initialised layers all ranks have confirmed.
         self._agreed_layouts: set[int] = set()
         if layer_densities:
@@ -151,7 +158,8 @@ class TopKState(HookState):
     def set_layer_densities(self, layer_densities: Mapping[str, float]) -> None:
         """Per-layer densities (applied from the next bucket on; call between steps, on every rank
         alike). A layer that becomes dense forgets its feedback state; one that becomes sparse
-        again starts afresh (EF21/EControl: with one dense initialisation step)."""
+        again starts afresh (EF21/EControl: with one dense initialisation step). Unknown names
+        raise at the next step."""
         if not isinstance(layer_densities, Mapping):
             raise TypeError(f"layer_densities must be a mapping {{parameter name: density}}; got {layer_densities!r}")
         for name, density in layer_densities.items():
@@ -159,7 +167,13 @@ class TopKState(HookState):
                 raise TypeError(f"layer_densities keys must be parameter names (str); got {name!r}")
             _check_density(f"layer_densities[{name!r}]", density)
         self.layer_densities = {name: float(density) for name, density in layer_densities.items()}
-        self._plans.clear()
+        self.settings_changed()
+
+    def layer_overrides(self) -> Mapping[str, float]:
+        return self.layer_densities
+
+    def settings_changed(self) -> None:
+        super().settings_changed()
         self._agreed_layouts.clear()
 
     def state_dict(self) -> dict[str, Any]:
@@ -172,12 +186,8 @@ class TopKState(HookState):
         self.set_layer_densities(state.get("layer_densities", {}))
 
     # ------------------------------------------------------------------ the codec
-    def _plan(self, layout: BucketLayout) -> _BucketPlan:
-        key = layout.fingerprint()
-        plan = self._plans.get(key)
-        if plan is not None:
-            return plan
-        dense_element = 8 if layout.dtype == torch.float64 else 4  # the dense allreduce's dtype
+    def _build_plan(self, layout: BucketLayout) -> TopKPlan:
+        dense_element = torch.finfo(layout.dtype).bits // 8  # dense layers travel in the bucket's dtype
         dense: list[LayerSlot] = []
         sparse: list[_SparseLayer] = []
         for slot in layout.layers:
@@ -191,184 +201,136 @@ class TopKState(HookState):
                 sparse.append(_SparseLayer(slot=slot, density=density, k=k, message_bytes=message_bytes))
             else:
                 dense.append(slot)
-        plan = self._plans[key] = _BucketPlan(dense=tuple(dense), sparse=tuple(sparse))
-        return plan
+        return TopKPlan(dense=tuple(dense), sparse=tuple(sparse))
 
-    def _stored(self, slot: LayerSlot, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def _stored(self, slot: LayerSlot, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
         """The rule's tensors of this layer that exist and fit (stale ones are forgotten)."""
         found = {}
         for key in self.rule.per_rank_tensors + self.rule.replicated_tensors:
-            tensor = self.layer_tensor(slot.name, key, (slot.numel,), dtype)
+            tensor = self.store.get(slot.name, key, (slot.numel,), dtype, device)
             if tensor is not None:
                 found[key] = tensor
         return found
 
     def reduce(self, buffer: torch.Tensor, layout: BucketLayout, step: int) -> torch.Tensor:
-        plan = self._plan(layout)
+        plan: TopKPlan = self.plan_for(layout, self._build_plan)
         world = self.transport.world_size
+        device = buffer.device
         dtype = torch.float64 if buffer.dtype == torch.float64 else torch.float32
+        half_bucket = buffer.dtype in (torch.float16, torch.bfloat16)
         local = buffer.to(dtype, copy=True)  # this rank's gradients; the buffer receives the result
 
-        stored = {layer.slot.name: self._stored(layer.slot, dtype) for layer in plan.sparse}
-        ready = {name: self.rule.is_initialised(tensors) for name, tensors in stored.items()}
-        compressed = tuple(layer for layer in plan.sparse if ready[layer.slot.name])
-        initialised_now = tuple(layer.slot for layer in plan.sparse if not ready[layer.slot.name])
+        stored = {layer.slot.name: self._stored(layer.slot, dtype, device) for layer in plan.sparse}
+        compressed = tuple(layer for layer in plan.sparse if self.rule.is_initialised(stored[layer.slot.name]))
+        initialised_now = tuple(layer.slot for layer in plan.sparse if not self.rule.is_initialised(stored[layer.slot.name]))
         fingerprint = layout.fingerprint()
         if fingerprint not in self._agreed_layouts:
-            self._verify_agreement(plan, initialised_now, fingerprint)
+            # k per layer and which layers are initialised densely this step set the sizes of
+            # both collectives: they can only differ after inconsistent checkpoints.
+            fresh = {slot.name for slot in initialised_now}
+            check_agreement(
+                self.transport, self.worker.runtime, "the top-k layers of a bucket (per-layer k, layers holding feedback state)",
+                [(layer.slot.name, layer.k, layer.slot.name in fresh) for layer in plan.sparse], device,
+                hint="Were checkpoints of different runs loaded on different ranks?",
+            )
+            self._agreed_layouts.add(fingerprint)
 
-        # Collective 1: [dense leftovers | gradients of layers initialised this step | health flag].
-        exact = plan.dense + initialised_now
-        message = torch.empty(sum(slot.numel for slot in exact) + 1, dtype=dtype)
-        position = 0
-        forgotten = []
-        for slot in plan.dense:
-            dense_stored = self._stored(slot, dtype)
-            message[position : position + slot.numel].copy_(self.rule.uncompressed_input(_view(local, slot), dense_stored))
-            if dense_stored:
-                forgotten.append(slot.name)
-            position += slot.numel
-        for slot in initialised_now:
-            message[position : position + slot.numel].copy_(_view(local, slot))
-            position += slot.numel
+        with TrafficStats.timed(self.traffic, "compress"):
+            # What this rank sends sparse, packed, and decoded again (the values receivers see).
+            offsets, numels, ks = [], [], []
+            position = 0
+            for layer in compressed:
+                offsets.append(position)
+                numels.append(layer.slot.numel)
+                ks.append(layer.k)
+                position += layer.slot.numel
+            sent = local.new_empty(position)
+            for layer, offset in zip(compressed, offsets):
+                sent.narrow(0, offset, layer.slot.numel).copy_(self.rule.message_input(layer.slot.flat(local), stored[layer.slot.name]))
+            packed = ops.topk_pack(sent, offsets, numels, ks, self.value_dtype) if compressed else None
+            own = torch.zeros_like(sent)
+            if packed is not None:
+                ops.sparse_unpack_add_(own, packed, offsets, numels, ks, self.value_dtype)
 
-        sent = torch.empty(sum(layer.slot.numel for layer in compressed), dtype=dtype)
-        position = 0
-        for layer in compressed:
-            name, numel = layer.slot.name, layer.slot.numel
-            sent[position : position + numel].copy_(self.rule.message_input(_view(local, layer.slot), stored[name]))
-            if self.observer is not None:
-                self.observer(name, layer.slot.shape, sent[position : position + numel])
-            position += numel
-        # Stored state is always finite (non-finite steps are never committed), so the step is
-        # finite iff this rank's gradients are; a float64 sum is finite iff every entry is, and
-        # far cheaper than an elementwise isfinite over the bucket.
-        message[-1] = 0.0 if math.isfinite(float(local.sum(dtype=torch.float64))) else math.inf
+            # Collective 1: [dense leftovers | gradients of layers initialised this step | flag],
+            # in the bucket's dtype.
+            exact = plan.dense + initialised_now
+            exact_numel = sum(slot.numel for slot in exact)
+            message = buffer.new_empty(exact_numel + 1)
+            position = 0
+            kept_dense: list[tuple[LayerSlot, dict[str, torch.Tensor]]] = []
+            for slot in plan.dense:
+                dense_stored = self._stored(slot, dtype, device)
+                contribution = self.rule.uncompressed_input(slot.flat(local), dense_stored)
+                message.narrow(0, position, slot.numel).copy_(contribution)
+                kept_dense.append((slot, self.rule.after_uncompressed(contribution, dense_stored)))
+                position += slot.numel
+            for slot in initialised_now:
+                message.narrow(0, position, slot.numel).copy_(slot.flat(local))
+                position += slot.numel
+            # Health flag without a host read: 0 when this rank's gradients and decoded message are
+            # finite, NaN otherwise (inf * 0). Stored state is always finite (non-finite steps are
+            # never committed), so these two sums see every way this step can go non-finite.
+            health = local.sum(dtype=torch.float64) + own.sum(dtype=torch.float64)
+            message.narrow(0, exact_numel, 1).copy_((health * 0).reshape(1))
+            if half_bucket:
+                message.div_(world)  # as DDP does for half precision: the sum stays in range
 
         self.transport.allreduce_sum_(message, self.traffic)
-        element = torch.finfo(dtype).bits // 8
         for slot in plan.dense:
-            self.traffic.record_layer(slot.name, slot.shape, "dense", slot.numel * element, slot.numel * buffer.element_size())
+            nbytes = slot.numel * buffer.element_size()
+            self.traffic.record_layer(slot.name, slot.shape, "dense", nbytes, nbytes)
         for slot in initialised_now:
-            self.traffic.record_layer(slot.name, slot.shape, "dense (init)", slot.numel * element, slot.numel * buffer.element_size())
+            nbytes = slot.numel * buffer.element_size()
+            self.traffic.record_layer(slot.name, slot.shape, "dense (init)", nbytes, nbytes)
 
-        mean_exact = message[:-1].div_(world)
-        _write(buffer, exact, mean_exact)
-        if not bool(torch.isfinite(message).all()):
-            # Some rank had inf/NaN: every rank sees the same non-finite sum, so every rank skips
-            # the allgather, leaves its state untouched and hands GradScaler a non-finite bucket.
-            self.mark_non_finite()
+        mean_exact = message.narrow(0, 0, exact_numel)
+        if not half_bucket:
+            mean_exact.div_(world)
+        position = 0
+        for slot in exact:
+            slot.flat(buffer).copy_(mean_exact.narrow(0, position, slot.numel))
+            position += slot.numel
+        if not self.worker.runtime.all_finite(message):
+            # Some rank had inf/NaN, or a value that overflowed the wire dtype: every rank sees the
+            # same non-finite sum, so every rank skips the allgather, leaves its state untouched
+            # and hands GradScaler a non-finite bucket.
+            self.lifecycle.mark_non_finite()
             for layer in compressed:
-                _view(buffer, layer.slot).fill_(math.nan)
+                layer.slot.flat(buffer).fill_(math.nan)
             return buffer
 
+        all_keys = self.rule.per_rank_tensors + self.rule.replicated_tensors
+        for slot, keep in kept_dense:
+            self.store.stage(slot.name, keep, forget=all_keys)
         position = sum(slot.numel for slot in plan.dense)
         for slot in initialised_now:
-            new_state = self.rule.dense_init(_view(local, slot), mean_exact[position : position + slot.numel])
-            self.stage(_Commit(self, slot.name, new_state))
+            mean = mean_exact.narrow(0, position, slot.numel).to(dtype)
+            self.store.stage(slot.name, self.rule.dense_init(slot.flat(local), mean))
             position += slot.numel
-        for name in forgotten:
-            self.stage(_Forget(self, name, self.rule.per_rank_tensors + self.rule.replicated_tensors))
+        if self.observer is not None:  # only finite steps are profiled
+            for layer, offset in zip(compressed, offsets):
+                self.observer(layer.slot.name, layer.slot.shape, sent.narrow(0, offset, layer.slot.numel))
 
         if compressed:
-            self._exchange_sparse(buffer, local, sent, compressed, stored, world)
+            gathered = self.transport.allgather(packed, self.traffic)
+            for layer in compressed:
+                self.traffic.record_layer(
+                    layer.slot.name, layer.slot.shape, f"density={layer.density:g}", layer.message_bytes,
+                    layer.slot.numel * buffer.element_size(),
+                )
+            with TrafficStats.timed(self.traffic, "decompress"):
+                mean = torch.zeros_like(sent)
+                ops.sparse_unpack_add_(mean, gathered, offsets, numels, ks, self.value_dtype, 1.0 / world)
+                for layer, offset in zip(compressed, offsets):
+                    part = (offset, layer.slot.numel)
+                    exchange = Exchange(
+                        gradient=layer.slot.flat(local), sent=sent.narrow(0, *part), own=own.narrow(0, *part), mean=mean.narrow(0, *part)
+                    )
+                    update = self.rule.update(stored[layer.slot.name], exchange)
+                    layer.slot.flat(buffer).copy_(update.output)
+                    self.store.stage(layer.slot.name, update.stored)
         return buffer
-
-    def _exchange_sparse(
-        self,
-        buffer: torch.Tensor,
-        local: torch.Tensor,
-        sent: torch.Tensor,
-        compressed: tuple[_SparseLayer, ...],
-        stored: dict[str, dict[str, torch.Tensor]],
-        world: int,
-    ) -> None:
-        """Collective 2 and the feedback updates of the compressed layers."""
-        offsets, numels, ks = [], [], []
-        position = 0
-        for layer in compressed:
-            offsets.append(position)
-            numels.append(layer.slot.numel)
-            ks.append(layer.k)
-            position += layer.slot.numel
-        packed = ops.topk_pack(sent, offsets, numels, ks, self.value_dtype)
-        gathered = self.transport.allgather(packed, self.traffic)
-        for layer in compressed:
-            self.traffic.record_layer(
-                layer.slot.name,
-                layer.slot.shape,
-                f"density={layer.density:g}",
-                layer.message_bytes,
-                layer.slot.numel * buffer.element_size(),
-            )
-
-        own = torch.zeros_like(sent)
-        ops.sparse_unpack_add_(own, packed, offsets, numels, ks, self.value_dtype)
-        mean = torch.zeros_like(sent)
-        ops.sparse_unpack_add_(mean, gathered, offsets, numels, ks, self.value_dtype, 1.0 / world)
-
-        for layer, offset in zip(compressed, offsets):
-            part = slice(offset, offset + layer.slot.numel)
-            exchange = Exchange(gradient=_view(local, layer.slot), sent=sent[part], own=own[part], mean=mean[part])
-            update = self.rule.update(stored[layer.slot.name], exchange)
-            _view(buffer, layer.slot).copy_(update.output)
-            self.stage(_Commit(self, layer.slot.name, update.stored))
-
-    def _verify_agreement(self, plan: _BucketPlan, initialised_now: tuple[LayerSlot, ...], fingerprint: int) -> None:
-        """Every rank must agree on each layer's k and on which layers are initialised densely
-        this step: both set the sizes of the collectives. They can only differ when ranks were
-        given different ``layer_densities`` or loaded inconsistent checkpoints; checked once per
-        layout (and again after ``load_state_dict`` / ``set_layer_densities``)."""
-        fresh = {slot.name for slot in initialised_now}
-        text = ";".join(f"{layer.slot.name}:{layer.k}:{layer.slot.name in fresh}" for layer in plan.sparse)
-        mine = torch.tensor([zlib.crc32(text.encode("utf-8"))], dtype=torch.int64)
-        everyone = self.transport.allgather(mine, traffic=None)
-        if not bool((everyone == everyone[0]).all()):
-            raise ValueError(
-                "gcomp: ranks disagree on the top-k layers of a bucket (per-layer k or which layers hold "
-                "feedback state): were layer_densities or checkpoints different on different ranks? "
-                f"checksums per rank {everyone.flatten().tolist()}"
-            )
-        self._agreed_layouts.add(fingerprint)
-
-
-@dataclass
-class _Commit:
-    """End-of-step replacement of one layer's feedback tensors."""
-
-    state: TopKState
-    layer: str
-    tensors: dict[str, torch.Tensor]
-
-    def __call__(self) -> None:
-        for key, tensor in self.tensors.items():
-            self.state.set_layer_tensor(self.layer, key, tensor)
-
-
-@dataclass
-class _Forget:
-    """End-of-step removal of the feedback state of a layer that is now sent dense."""
-
-    state: TopKState
-    layer: str
-    keys: tuple[str, ...]
-
-    def __call__(self) -> None:
-        tensors = self.state.layer_state.get(self.layer, {})
-        for key in self.keys:
-            tensors.pop(key, None)
-
-
-def _view(flat: torch.Tensor, slot: LayerSlot) -> torch.Tensor:
-    return flat[slot.offset : slot.offset + slot.numel]
-
-
-def _write(buffer: torch.Tensor, slots: tuple[LayerSlot, ...], values: torch.Tensor) -> None:
-    """Copy consecutive segments of ``values`` into the slots of ``buffer``."""
-    position = 0
-    for slot in slots:
-        _view(buffer, slot).copy_(values[position : position + slot.numel])
-        position += slot.numel
 
 
 def _check_density(name: str, density: Any) -> None:
@@ -386,5 +348,4 @@ def _value_dtype_name(value_dtype: Any) -> str:
     return value_dtype
 
 
-# PyTorch-style name for the (state, hook) pair.
-topk_hook = comm_hook
+topk_hook = make_hook(TopKState, "topk_hook")
