@@ -121,7 +121,7 @@ class AdaptiveController:
         def job() -> torch.Tensor:
             record.update(self._decide(self.state.traffic.steps))
             self._update_observer(self.state.traffic.steps)
-            return torch.tensor(0.0)
+            return torch.zeros((), device=self._device)
 
         self.state.worker.run_now(job, self._device)  # after every queued bucket, on the communication thread
         return record

@@ -108,7 +108,7 @@ def layer_uses_bitmap(numel: int, k: int) -> bool:
 
 
 def _value_size(value_dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=value_dtype).element_size()
+    return torch.finfo(value_dtype).bits // 8
 
 
 def sparse_message_layout(

@@ -77,14 +77,14 @@ class CharLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(256, config.width)
-        self.position = nn.Parameter(torch.zeros(config.context, config.width))
+        self.position = nn.Parameter(torch.zeros(config.context, config.width, device="cpu"))  # moved with .to()
         layer = nn.TransformerEncoderLayer(
             config.width, config.heads, dim_feedforward=4 * config.width, dropout=0.0, batch_first=True, norm_first=True
         )
         self.blocks = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(config.width)
         self.head = nn.Linear(config.width, 256)
-        mask = torch.triu(torch.full((config.context, config.context), -math.inf), diagonal=1)
+        mask = torch.triu(torch.full((config.context, config.context), -math.inf, device="cpu"), diagonal=1)
         self.register_buffer("causal_mask", mask, persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -101,21 +101,21 @@ class Batches:
         split = int(len(corpus) * (1 - validation_fraction))
         self.train, self.validation = corpus[:split].long(), corpus[split:].long()
         self.context, self.batch_size = context, batch_size
-        self.generator = torch.Generator().manual_seed(seed * 1009 + rank)
+        self.generator = torch.Generator(device="cpu").manual_seed(seed * 1009 + rank)  # host-side sampling
 
     def _window(self, data: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        index = starts[:, None] + torch.arange(self.context + 1)[None, :]
+        index = starts[:, None] + torch.arange(self.context + 1, device=starts.device)[None, :]
         window = data[index]
         return window[:, :-1], window[:, 1:]
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(0, len(self.train) - self.context - 1, (self.batch_size,), generator=self.generator)
+        starts = torch.randint(0, len(self.train) - self.context - 1, (self.batch_size,), generator=self.generator, device="cpu")
         return self._window(self.train, starts)
 
     def validation_batches(self, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A fixed set of validation windows (the same on every rank and every call)."""
         span = len(self.validation) - self.context - 1
-        starts = torch.linspace(0, span - 1, count * self.batch_size).long().view(count, self.batch_size)
+        starts = torch.linspace(0, span - 1, count * self.batch_size, device=self.validation.device).long().view(count, self.batch_size)
         return [self._window(self.validation, row) for row in starts]
 
 

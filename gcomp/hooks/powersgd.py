@@ -229,7 +229,7 @@ class PowerSGDState(HookState):
             return stored.narrow(1, 0, rank)
         seed_step = "warm" if self.warm_start else step
         fresh = self.shared_randn((m, rank - kept), (self.seed, layer, rank, seed_step), like)
-        fresh = orthogonalize_(fresh.unsqueeze(0), self.orthogonalization_epsilon)[0]
+        fresh = orthogonalize_(fresh.unsqueeze(0), self.orthogonalization_epsilon).squeeze(0)
         return fresh if kept == 0 else torch.cat([stored.narrow(1, 0, kept), fresh], dim=1)
 
     def _workspace(self, layout: BucketLayout, index: int, group: _MatrixGroup, like: torch.Tensor) -> torch.Tensor:
@@ -239,13 +239,13 @@ class PowerSGDState(HookState):
         commits nothing and its workspace is simply reused next step."""
         key = (layout.fingerprint(), index, like.dtype)
         pool = self._workspaces.setdefault(key, [])
-        busy = set()
+        busy = set()  # workspaces whose slices are committed residuals (views keep their base)
         for slot in group.layers:
             residual = self.store.peek(slot.name, "error")
-            if residual is not None:
-                busy.add(residual.untyped_storage().data_ptr())
+            if residual is not None and residual._base is not None:
+                busy.add(id(residual._base))
         for workspace in pool:
-            if workspace.untyped_storage().data_ptr() not in busy and workspace.device == like.device:
+            if id(workspace) not in busy and workspace.device == like.device:
                 return workspace
         workspace = like.new_empty((len(group.layers), group.n, group.m))
         if len(pool) < 2:
@@ -276,10 +276,10 @@ class PowerSGDState(HookState):
                         self.store.get(slot.name, "error", (group.n, group.m), dtype, buffer.device) if self.error_feedback else None
                     )
                     if residual is not None:
-                        torch.add(gradient, residual, out=matrices[index])
+                        torch.add(gradient, residual, out=matrices.select(0, index))
                     else:
-                        matrices[index].copy_(gradient)
-                    factors[index].copy_(self._initial_q(slot.name, group.m, group.rank, step, message))
+                        matrices.select(0, index).copy_(gradient)
+                    factors.select(0, index).copy_(self._initial_q(slot.name, group.m, group.rank, step, message))
                 torch.bmm(matrices, factors, out=group.p_view(p_all))
                 inputs.append(matrices)
 
@@ -301,7 +301,7 @@ class PowerSGDState(HookState):
         if self.observer is not None:  # only finite steps are profiled
             for group, matrices in zip(plan.groups, inputs):
                 for index, slot in enumerate(group.layers):
-                    self.observer(slot.name, slot.shape, matrices[index])
+                    self.observer(slot.name, slot.shape, matrices.select(0, index))
 
         # Collective 2: Q of every compressed layer.
         with TrafficStats.timed(self.traffic, "compress"):
@@ -321,21 +321,21 @@ class PowerSGDState(HookState):
                     # P Q^T straight into the bucket, then the residual from it: no temporary.
                     for index, slot in enumerate(group.layers):
                         approximation = slot.flat(buffer).view(group.n, group.m)
-                        torch.mm(p[index], q[index].T, out=approximation)
+                        torch.mm(p.select(0, index), q.select(0, index).T, out=approximation)
                         if self.error_feedback:
-                            matrices[index].sub_(approximation)  # now the residual
+                            matrices.select(0, index).sub_(approximation)  # now the residual
                 else:  # half-precision bucket: the residual keeps the fp32 approximation
                     approximations = torch.bmm(p, q.transpose(1, 2))
                     for index, slot in enumerate(group.layers):
-                        slot.flat(buffer).view(group.n, group.m).copy_(approximations[index])
+                        slot.flat(buffer).view(group.n, group.m).copy_(approximations.select(0, index))
                     if self.error_feedback:
                         matrices.sub_(approximations)
                 for index, slot in enumerate(group.layers):
                     update = {}
                     if self.error_feedback:
-                        update["error"] = matrices[index]
+                        update["error"] = matrices.select(0, index)
                     if self.warm_start:
-                        update["q"] = q[index]
+                        update["q"] = q.select(0, index)
                     self.store.stage(slot.name, update)
         return buffer
 

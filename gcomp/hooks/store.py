@@ -83,15 +83,16 @@ class LayerStore:
                     tensors[key].mul_(ratio)
 
     def nbytes(self) -> int:
-        """Bytes held by stored tensors (shared storages counted once)."""
+        """Bytes held by stored tensors (a tensor that is a view of a larger one, e.g. a residual
+        inside a workspace, counts that whole base once)."""
         seen: set[int] = set()
         total = 0
         for tensors in self.layers.values():
             for tensor in tensors.values():
-                storage = tensor.untyped_storage()
-                if storage.data_ptr() not in seen:
-                    seen.add(storage.data_ptr())
-                    total += storage.nbytes()
+                base = tensor._base if tensor._base is not None else tensor
+                if id(base) not in seen:
+                    seen.add(id(base))
+                    total += base.numel() * base.element_size()
         return total
 
     # ------------------------------------------------------------------ checkpoint
