@@ -7,34 +7,24 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .adaptive import AdaptiveConfig, AdaptiveController
-from .hooks import (
-    AllreduceState,
-    BF16State,
-    FP16State,
-    HookState,
-    PowerSGDState,
-    TopKState,
-    allreduce_hook,
-    bf16_hook,
-    fp16_hook,
-    powersgd_hook,
-    topk_hook,
-)
+from . import hooks
+from .hooks import HookState
 
 METHODS: dict[str, type[HookState]] = {
-    "allreduce": AllreduceState,
-    "fp16": FP16State,
-    "bf16": BF16State,
-    "powersgd": PowerSGDState,
-    "topk": TopKState,
+    "allreduce": hooks.AllreduceState,
+    "fp16": hooks.FP16State,
+    "bf16": hooks.BF16State,
+    "powersgd": hooks.PowerSGDState,
+    "topk": hooks.TopKState,
 }
 
+# Each method's own hook (it refuses a state of another method).
 HOOKS: dict[str, Callable[..., Any]] = {
-    "allreduce": allreduce_hook,
-    "fp16": fp16_hook,
-    "bf16": bf16_hook,
-    "powersgd": powersgd_hook,
-    "topk": topk_hook,
+    "allreduce": hooks.allreduce_hook,
+    "fp16": hooks.fp16_hook,
+    "bf16": hooks.bf16_hook,
+    "powersgd": hooks.powersgd_hook,
+    "topk": hooks.topk_hook,
 }
 
 _STATE_ATTRIBUTE = "_gcomp_state"

@@ -143,10 +143,13 @@ class HookState(ABC):
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this state holds on the gradients' device, by kind: ``state`` (tensors carried
         from step to step) and ``workspace`` (buffers kept to avoid re-allocation)."""
-        return {"state": self.store.nbytes(), "workspace": self._workspace_bytes()}
+        held = self.store.bases()
+        spare = [t for t in self._workspace_tensors() if id(t) not in {id(b) for b in held}]
+        return {"state": sum(_nbytes(t) for t in held), "workspace": sum(_nbytes(t) for t in spare)}
 
-    def _workspace_bytes(self) -> int:
-        return 0
+    def _workspace_tensors(self) -> list[torch.Tensor]:
+        """Work buffers kept between steps (a subclass that keeps some lists them)."""
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's state: tensors and plain values only (loads with ``weights_only=True``).
@@ -336,6 +339,10 @@ class HookState(ABC):
             known = list(self.names.known)
             shown = ", ".join(known[:20]) + (f", ... ({len(known)} in all)" if len(known) > 20 else "")
             raise ValueError(f"gcomp: per-layer overrides name unknown layers {unknown}; known layers: {shown}")
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def make_hook(state_type: type, name: str) -> Callable[..., torch.futures.Future]:

@@ -182,8 +182,8 @@ class PowerSGDState(HookState):
         self._workspaces.clear()
         self.settings_changed()
 
-    def _workspace_bytes(self) -> int:
-        return sum(w.numel() * w.element_size() for pool in self._workspaces.values() for w in pool)
+    def _workspace_tensors(self) -> list[torch.Tensor]:
+        return [workspace for pool in self._workspaces.values() for workspace in pool]
 
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()

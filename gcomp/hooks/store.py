@@ -82,18 +82,15 @@ class LayerStore:
                 if key in tensors:
                     tensors[key].mul_(ratio)
 
-    def nbytes(self) -> int:
-        """Bytes held by stored tensors (a tensor that is a view of a larger one, e.g. a residual
-        inside a workspace, counts that whole base once)."""
-        seen: set[int] = set()
-        total = 0
+    def bases(self) -> list[torch.Tensor]:
+        """The tensors whose memory the stored tensors occupy, each once (a residual that is a view
+        of a larger workspace stands for that whole workspace)."""
+        found: dict[int, torch.Tensor] = {}
         for tensors in self.layers.values():
             for tensor in tensors.values():
                 base = tensor._base if tensor._base is not None else tensor
-                if id(base) not in seen:
-                    seen.add(id(base))
-                    total += base.numel() * base.element_size()
-        return total
+                found.setdefault(id(base), base)
+        return list(found.values())
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:

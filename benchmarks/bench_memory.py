@@ -1,0 +1,80 @@
+"""Memory each method keeps beyond plain DDP: a census of the tensors its state holds.
+
+    python benchmarks/bench_memory.py --json benchmarks/results/memory.json
+
+Runs the main job's model (the "small" CharLM, 3.3 M parameters) for a few steps under DDP with
+each method (one gloo rank on the CPU: the census counts tensors, so one rank shows what every
+rank holds) and reports, per gradient byte, what the hook state keeps from step to step
+(``state``: residuals, estimates, momenta, warm-start factors) and the work buffers it keeps to
+avoid re-allocation (``workspace``), from ``state.memory_bytes()``. Transient per-step buffers
+(messages, the float32 copy of a half-precision bucket) are not in the census; on a GPU,
+``benchmarks/gpu_check.py`` measures peak memory over plain DDP, transients included.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import gcomp
+from gcomp.examples.charlm import CharLM, CharLMConfig
+
+CONFIGS: list[tuple[str, str, dict]] = [
+    ("allreduce", "allreduce", {}),
+    ("fp16", "fp16", {}),
+    ("powersgd rank 4", "powersgd", {"rank": 4}),
+    ("powersgd rank 4, no error feedback", "powersgd", {"rank": 4, "error_feedback": False}),
+    ("topk 1% EF14", "topk", {"density": 0.01, "feedback": "ef14"}),
+    ("topk 1% EF21", "topk", {"density": 0.01, "feedback": "ef21"}),
+    ("topk 1% EF21-SGDM", "topk", {"density": 0.01, "feedback": "ef21-sgdm"}),
+    ("topk 1% EControl", "topk", {"density": 0.01, "feedback": "econtrol"}),
+]
+
+
+def census(method: str, options: dict, steps: int = 3) -> dict:
+    torch.manual_seed(0)
+    model = CharLM(CharLMConfig.preset("small"))
+    ddp = DistributedDataParallel(model)
+    state = gcomp.register(ddp, method, warmup_steps=1, **options)
+    gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    tokens = torch.randint(0, 256, (4, 65), device="cpu")
+    for _ in range(steps):
+        ddp.zero_grad()
+        logits = ddp(tokens[:, :-1])
+        torch.nn.functional.cross_entropy(logits.reshape(-1, 256), tokens[:, 1:].reshape(-1)).backward()
+    memory = state.memory_bytes()
+    state.close()
+    return {
+        "gradient_bytes": gradient_bytes,
+        **memory,
+        "state_per_gradient_byte": memory["state"] / gradient_bytes,
+        "workspace_per_gradient_byte": memory["workspace"] / gradient_bytes,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the table as JSON here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as directory:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(directory, 'store')}", rank=0, world_size=1)
+        rows = {label: census(method, options) for label, method, options in CONFIGS}
+        dist.destroy_process_group()
+    print(f"{'method':38s} {'state / grad':>12s} {'workspace / grad':>16s} {'state MB':>9s}")
+    for label, row in rows.items():
+        print(f"{label:38s} {row['state_per_gradient_byte']:12.3f} {row['workspace_per_gradient_byte']:16.3f} {row['state'] / 1e6:9.2f}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"date": datetime.date.today().isoformat(), "torch": torch.__version__, "rows": rows}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
