@@ -324,6 +324,14 @@ class HookState(ABC):
         )
         self._config_verified = True
         self._raise_unknown(unknown)
+        if self.names.source == "module":
+            orphans = sorted(set(self.store.layers) - set(self.names.known))
+            if orphans:
+                logger.warning(
+                    "gcomp: stored state for %d layer(s) that this model does not have (e.g. %s): a checkpoint of "
+                    "another model, or one saved with position names; that state is not used",
+                    len(orphans), orphans[:3],
+                )
 
     def _check_override_names(self) -> None:
         """Without module names, overrides can only be checked once every bucket was seen."""
