@@ -564,9 +564,8 @@ def run(steps: Sequence, device: torch.device) -> None:
     """Launches ``steps`` on torch's current stream of ``device``; tensors go in through DLPack."""
     if not steps:
         return
-    import cupy
-
     table = kernels(device)
+    import cupy
     index = device.index if device.index is not None else torch.cuda.current_device()
     torch_stream = torch.cuda.current_stream(index)
     with cupy.cuda.Device(index), cupy.cuda.ExternalStream(torch_stream.cuda_stream, index):
