@@ -578,10 +578,14 @@ def run(steps: Sequence, device: torch.device) -> None:
 
 
 def _kernel_argument(cupy: Any, arg: Any) -> Any:
+    """A tensor becomes a cupy view of its bytes (the kernels take raw pointers, and cupy has no
+    bfloat16 dtype to import through DLPack); numpy scalars and structs pass by value."""
     if isinstance(arg, torch.Tensor):
         if arg.numel() == 0:
             return np.uint64(0)  # never dereferenced: the kernels skip empty ranges
-        return cupy.from_dlpack(arg.detach())
+        if not arg.is_contiguous():
+            raise ValueError("kernel arguments must be contiguous tensors")
+        return cupy.from_dlpack(arg.detach().reshape(-1).view(torch.uint8))
     return arg
 
 

@@ -531,3 +531,38 @@ def test_kernels_compile_with_nvrtc_as_the_runtime_path_does():
     assert set(lowered) == set(native_cupy.kernel_name_expressions())
     for symbol in lowered.values():
         assert re.search(rf"\.entry {re.escape(symbol)}\(", text), symbol
+
+
+def test_descriptors_follow_the_cpp_bookkeeping():
+    offsets, numels, ks = [10, 0, 5000], [4100, 10, 9000], [4000, 3, 9]
+    layout = reference.sparse_message_layout(numels, ks, torch.float16)
+    assert [s.bitmap for s in layout.layers] == [True, False, False]
+    pack = native_cupy.describe_pack(offsets, layout)
+    assert pack.layers["offset"].tolist() == offsets and pack.layers["k"].tolist() == ks
+    assert pack.layers["entry_base"].tolist() == [0, 4000, 4003] and pack.total_entries == 4012
+    assert pack.layers["first_tile"].tolist() == [0, 2, 3] and pack.total_tiles == 6
+    assert pack.layers["first_index_item"].tolist() == [0, 513, 514] and pack.total_index_items == 516
+    unpack = native_cupy.describe_unpack(offsets, layout, 4)
+    assert unpack.layers["first_group"].tolist() == [0, 0, 1]
+    assert unpack.layers["first_bitmap_tile"].tolist() == [0, 1, 1]
+    assert unpack.plan.tolist() == [(4, 3, layout.message_bytes, 4012, 3, 1)]
+    for records in (pack.layers, unpack.layers):
+        for record, section in zip(records["section"], layout.layers):
+            assert record.tolist() == (
+                section.value_offset, section.value_bytes, section.index_offset, section.index_bytes,
+                section.index_payload_bytes, section.bits, int(section.bitmap),
+            )
+
+
+@pytest.mark.parametrize("codec", ["reference", "ops"])
+def test_messages_of_an_empty_bucket(codec):
+    """No layers: 0-byte messages, one or several of them, are valid input everywhere."""
+    module = reference if codec == "reference" else ops
+    message = module.topk_pack(torch.randn(5), [], [], [], torch.float32)
+    assert message.shape == (0,)
+    for messages in (message, torch.empty(3, 0, dtype=torch.uint8)):
+        values, indices = module.sparse_unpack(messages, [], [], [], torch.float32)
+        assert values.shape == indices.shape == messages.shape
+        out = torch.ones(5)
+        module.sparse_unpack_add_(out, messages, [], [], [], torch.float32, 1.0)
+        assert torch.equal(out, torch.ones(5))
