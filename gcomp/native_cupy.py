@@ -28,6 +28,7 @@ import logging
 import os
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -568,7 +569,12 @@ def run(steps: Sequence, device: torch.device) -> None:
     import cupy
     index = device.index if device.index is not None else torch.cuda.current_device()
     torch_stream = torch.cuda.current_stream(index)
-    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(torch_stream.cuda_stream, index):
+    with warnings.catch_warnings():
+        # cupy 14 deprecates ExternalStream in favour of Stream.from_external, which needs the
+        # stream protocol on torch's side; the raw pointer works on every cupy version.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        stream = cupy.cuda.ExternalStream(torch_stream.cuda_stream, index)
+    with cupy.cuda.Device(index), stream:
         for step in steps:
             if isinstance(step, Zero):
                 step.tensor.zero_()
