@@ -65,9 +65,16 @@ def native_enabled() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+_extension: Optional[ModuleType] = None
+_extension_tried = False  # plain globals, not a cache: torch.compile reads them while tracing
+
+
 def _native_extension() -> Optional[ModuleType]:
     """The loaded ``gcomp._C`` (importing it registers ``torch.ops.gcomp.*``), or None if absent."""
+    global _extension, _extension_tried
+    if _extension_tried:
+        return _extension
+    _extension_tried = True
     try:
         extension = importlib.import_module("gcomp._C")
     except ImportError as error:
@@ -77,7 +84,15 @@ def _native_extension() -> Optional[ModuleType]:
         logger.warning("gcomp._C loaded but does not define %s; ignoring it", ", ".join(_OP_NAMES))
         return None
     _register_fake_implementations()
+    _extension = extension
     return extension
+
+
+@torch.compiler.disable
+def _load_extension_outside_graph() -> None:
+    """Importing a module cannot be traced: under torch.compile this runs eagerly (one graph break,
+    first call only), so compiled code still reaches the native op."""
+    _native_extension()
 
 
 def native_available() -> bool:
@@ -122,9 +137,15 @@ def _is_fake(tensor: torch.Tensor) -> bool:
 
 def _route(tensor: torch.Tensor) -> str:
     """"op" (torch.ops.gcomp), "fake" (shapes only), "cupy" or "torch" for this call."""
-    if _is_fake(tensor) or torch.compiler.is_compiling():
-        # The op carries the fake implementation and shows up in traced graphs; without the
-        # extension (or with native code off) the same shape function runs directly.
+    if torch.compiler.is_compiling():
+        # The op shows up in the graph and its fake gives the shapes. Without it, the twin: its
+        # data-dependent steps break the graph, but the results stay right (the shape-only
+        # function would silently compute nothing).
+        if not _extension_tried:
+            _load_extension_outside_graph()
+        return "op" if _extension is not None and native_enabled() else "torch"
+    if _is_fake(tensor):
+        # FakeTensorMode: the op's fake, or without the extension the same shape function.
         return "op" if native_available() else "fake"
     backend = native_backend(tensor.device)
     if backend.startswith("compiled-"):

@@ -566,3 +566,24 @@ def test_messages_of_an_empty_bucket(codec):
         out = torch.ones(5)
         module.sparse_unpack_add_(out, messages, [], [], [], torch.float32, 1.0)
         assert torch.equal(out, torch.ones(5))
+
+
+@requires_native
+def test_ops_trace_into_one_graph_with_torch_compile():
+    """The ops appear in a full graph (fakes give the shapes) and compute what eager mode does."""
+    offsets, numels, ks = [0, 100], [100, 200], [10, 150]
+
+    def step(x, out):
+        message = ops.topk_pack(x, offsets, numels, ks, torch.float16)
+        ops.sparse_unpack_add_(out, torch.stack([message, message]), offsets, numels, ks, torch.float16, 0.5)
+        return message, ops.sparse_unpack(message, offsets, numels, ks, torch.float16)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x = torch.randn(300)
+    out, out_eager = torch.zeros(300), torch.zeros(300)
+    message, (values, indices) = compiled(x, out)
+    message_eager, (values_eager, indices_eager) = step(x, out_eager)
+    assert torch.equal(message, message_eager) and torch.equal(out, out_eager)
+    assert torch.equal(values, values_eager) and torch.equal(indices, indices_eager)
+    torch._dynamo.reset()
