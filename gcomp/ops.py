@@ -67,11 +67,12 @@ def native_enabled() -> bool:
 
 _extension: Optional[ModuleType] = None
 _extension_tried = False  # plain globals, not a cache: torch.compile reads them while tracing
+_compiled_device_types: frozenset[str] = frozenset()  # device types gcomp._C has kernels for
 
 
 def _native_extension() -> Optional[ModuleType]:
     """The loaded ``gcomp._C`` (importing it registers ``torch.ops.gcomp.*``), or None if absent."""
-    global _extension, _extension_tried
+    global _extension, _extension_tried, _compiled_device_types
     if _extension_tried:
         return _extension
     _extension_tried = True
@@ -84,6 +85,9 @@ def _native_extension() -> Optional[ModuleType]:
         logger.warning("gcomp._C loaded but does not define %s; ignoring it", ", ".join(_OP_NAMES))
         return None
     _register_fake_implementations()
+    _compiled_device_types = frozenset(
+        kind for kind in ("cpu", "cuda", "xpu", "mps") if _compiled_kernels_for(torch.device(kind))
+    )
     _extension = extension
     return extension
 
@@ -143,7 +147,8 @@ def _route(tensor: torch.Tensor) -> str:
         # function would silently compute nothing).
         if not _extension_tried:
             _load_extension_outside_graph()
-        return "op" if _extension is not None and native_enabled() else "torch"
+        native = _extension is not None and native_enabled()
+        return "op" if native and tensor.device.type in _compiled_device_types else "torch"
     if _is_fake(tensor):
         # FakeTensorMode: the op's fake, or without the extension the same shape function.
         return "op" if native_available() else "fake"
