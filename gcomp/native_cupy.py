@@ -195,12 +195,11 @@ def cccl_include_dirs() -> list[str]:
         dirs = [bundle / "cub", bundle / "libcudacxx", bundle / "thrust"]
         if all(d.is_dir() for d in dirs):
             return [str(d) for d in dirs]
-    for variable in ("CUDA_HOME", "CUDA_PATH"):
-        root = os.environ.get(variable)
-        if root and (Path(root) / "include" / "cccl" / "cub").is_dir():
-            return [str(Path(root) / "include" / "cccl")]
-    if Path("/usr/local/cuda/include/cccl/cub").is_dir():
-        return ["/usr/local/cuda/include/cccl"]
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    for root in filter(None, roots):
+        for include in (Path(root) / "include" / "cccl", Path(root) / "include"):  # CUDA 13, CUDA 12
+            if (include / "cub").is_dir() and (include / "cuda" / "std").is_dir():
+                return [str(include)]
     return []
 
 
