@@ -34,6 +34,7 @@ Without a CUDA device it prints "no CUDA device" and exits 0.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import hashlib
 import json
 import multiprocessing
@@ -41,6 +42,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -75,6 +77,8 @@ class Record:
 class Report:
     def __init__(self) -> None:
         self.records: list[Record] = []
+        self.environment: dict[str, Any] = {}
+        self.current = "start-up"  # the check running now (named if the time limit is reached)
 
     def add(self, section: str, name: str, status: str, detail: str = "", **metrics: Any) -> None:
         record = Record(section, name, status, detail, metrics)
@@ -89,6 +93,7 @@ class Report:
     def check(self, section: str, name: str, function: Callable[[], Any]) -> Any:
         """Runs one check; an exception is a FAIL with its traceback, and the run goes on."""
         started = time.perf_counter()
+        previous, self.current = self.current, f"{section}: {name}"
         try:
             result = function()
         except Skip as skip:
@@ -97,6 +102,8 @@ class Report:
         except Exception:
             self.add(section, name, "FAIL", traceback.format_exc())
             return None
+        finally:
+            self.current = previous
         detail, metrics = (result if isinstance(result, tuple) else (result or "", {}))
         public = {key: value for key, value in metrics.items() if not key.startswith("_")}  # "_": objects
         self.add(section, name, "PASS", detail, seconds=round(time.perf_counter() - started, 3), **public)
@@ -453,7 +460,7 @@ def two_ranks_on_one_gpu(report: Report, device_name: str = "cuda:0") -> None:
         processes = [context.Process(target=_gloo_worker, args=(r, 2, store, outputs[r], device_name)) for r in range(2)]
         for process in processes:
             process.start()
-        deadline = time.monotonic() + 150
+        deadline = time.monotonic() + 120
         for process in processes:
             process.join(max(1.0, deadline - time.monotonic()))
         for process in processes:
@@ -651,6 +658,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="write every record (and the environment) to this file")
     parser.add_argument("--skip-perf", action="store_true", help="correctness checks only")
+    parser.add_argument("--time-limit", type=float, default=285.0, help="seconds before giving up on a hung check")
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -662,13 +670,18 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     report = Report()
     started = time.perf_counter()
+    watchdog = threading.Timer(args.time_limit, _give_up, args=(report, args.json))
+    watchdog.daemon = True
+    watchdog.start()
     environment: dict[str, Any] = {
         "torch": torch.__version__, "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(0),
         "capability": ".".join(map(str, torch.cuda.get_device_capability(0))), "devices": torch.cuda.device_count(),
     }
     try:
-        import gcomp  # noqa: F401
+        import gcomp
         from gcomp import ops
+
+        environment["gcomp"] = gcomp.__version__
 
         environment["backend_cpu"] = ops.native_backend("cpu")
         environment["backend_cuda"] = ops.native_backend("cuda")
@@ -681,36 +694,57 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception:
         report.add("setup", "import gcomp", "FAIL", traceback.format_exc())
         environment["error"] = "import failed"
+    report.environment = environment
     report.add("setup", "environment", "INFO", json.dumps(environment))
 
     if not report.failed:
-        codecs = report.check("kernels", "collect CUDA implementations", lambda: ("", {"_codecs": cuda_codecs()}))
-        codecs = codecs["_codecs"] if codecs else {}
-        expected_name, expected = cpu_codec()
-        for name, codec in codecs.items():
-            if codec is None:
-                reason = {
-                    "compiled-cuda": "gcomp._C has no CUDA kernels (built without nvcc / a CUDA torch?)",
-                    "cupy-nvrtc": "cupy is not installed or cannot use the GPU",
-                }[name]
-                report.add("kernels", f"{name} == {expected_name}", "SKIP", reason)
-                continue
-            report.check(
-                "kernels", f"{name} == {expected_name} (bitwise)",
-                lambda codec=codec, name=name: check_codec(codec, expected, quick=name == "torch"),
-            )
-        report.check("kernels", "gcomp.ops on CUDA routes to " + str(environment.get("backend_cuda")), lambda: ops_smoke())
+        codecs = report.check("kernels", "CUDA kernels against the CPU op", lambda: kernel_checks(report)) or {}
+        codecs = codecs.get("_codecs", {})
+        report.check("kernels", f"gcomp.ops on CUDA (backend {environment.get('backend_cuda')})", ops_smoke)
         report.check("ddp", "all DDP checks", lambda: ddp_checks(report))
         if not args.skip_perf:
             report.check("perf", "kernel throughput", lambda: kernel_throughput(report, codecs))
             report.check("perf", "step time and memory", lambda: step_times(report))
+    watchdog.cancel()
     report.add("setup", "total time", "INFO", f"{time.perf_counter() - started:.1f} s")
-    print_table(report)
-    if args.json:
-        with open(args.json, "w") as stream:
-            json.dump({"cuda": True, "environment": environment, "records": [asdict(r) for r in report.records]},
-                      stream, indent=1, default=str)
+    finish(report, args.json)
     return 1 if report.failed else 0
+
+
+def finish(report: Report, json_path: Optional[str]) -> None:
+    print_table(report)
+    if json_path:
+        with open(json_path, "w") as stream:
+            json.dump({"cuda": True, "environment": report.environment, "records": [asdict(r) for r in report.records]},
+                      stream, indent=1, default=str)
+
+
+def _give_up(report: Report, json_path: Optional[str]) -> None:
+    """A check hung (a deadlocked collective, say): report what ran, where it hangs, and exit."""
+    report.add("setup", f"time limit reached during: {report.current}", "FAIL", "stacks of every thread follow on stderr")
+    faulthandler.dump_traceback(all_threads=True)
+    finish(report, json_path)
+    sys.stdout.flush()
+    os._exit(2)
+
+
+def kernel_checks(report: Report) -> tuple[str, dict]:
+    """Every CUDA implementation against the CPU op; returns them for the throughput section."""
+    codecs = cuda_codecs()
+    expected_name, expected = cpu_codec()
+    reasons = {
+        "compiled-cuda": "gcomp._C has no CUDA kernels (built without nvcc or against a CPU torch?)",
+        "cupy-nvrtc": "cupy is not installed or cannot use the GPU",
+    }
+    for name, codec in codecs.items():
+        if codec is None:
+            report.add("kernels", f"{name} == {expected_name}", "SKIP", reasons[name])
+            continue
+        report.check(
+            "kernels", f"{name} == {expected_name} (bitwise)",
+            lambda codec=codec, name=name: check_codec(codec, expected, quick=name == "torch"),
+        )
+    return "", {"_codecs": codecs}
 
 
 def ops_smoke() -> str:
