@@ -65,7 +65,7 @@ struct RadixState {
 
 __host__ __device__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-#if !defined(__CUDACC_RTC__)  // host helpers of the launchers (NVRTC compiles device code only)
+#if !defined(__CUDACC_RTC__)  // host-side functions of the launchers (NVRTC compiles device code only)
 size_t align_up(size_t n) { return (n + 255) / 256 * 256; }
 
 unsigned int grid_for(int64_t items) {

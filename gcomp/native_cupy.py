@@ -298,14 +298,15 @@ def _load_kernels(device_index: int) -> dict[str, Any]:
     cccl_dirs = cccl_include_dirs()
     key = _cache_key(nvrtc, capability, root, cccl_dirs)
     cache = _cache_dir()
-    binary_path, names_path = cache / f"{key}.bin", cache / f"{key}.json"
-    if binary_path.is_file() and names_path.is_file():
-        lowered = json.loads(names_path.read_text())
-    else:
+    names_path = cache / f"{key}.json"  # written last: its presence means the binary is complete
+    entry = json.loads(names_path.read_text()) if names_path.is_file() else None
+    if entry is None or not (cache / f"{key}.{entry['kind']}").is_file():
         logger.info("compiling %s with NVRTC for sm_%d (once; cached in %s)", KERNEL_SOURCE, capability, cache)
-        binary, _, lowered = compile_kernels(nvrtc, capability, root, cccl_dirs)
-        _write_atomically(binary_path, binary)
-        _write_atomically(names_path, json.dumps(lowered).encode())
+        binary, kind, lowered = compile_kernels(nvrtc, capability, root, cccl_dirs)
+        _write_atomically(cache / f"{key}.{kind}", binary)
+        entry = {"kind": kind, "lowered": lowered}
+        _write_atomically(names_path, json.dumps(entry).encode())
+    binary_path, lowered = cache / f"{key}.{entry['kind']}", entry["lowered"]
     with cupy.cuda.Device(device_index):
         module = cupy.RawModule(path=str(binary_path))
         return {name: module.get_function(symbol) for name, symbol in lowered.items()}
