@@ -21,7 +21,13 @@
 
 namespace gcomp {
 namespace cuda {
+#if defined(__CUDACC_RTC__)
+// A run-time compilation (NVRTC, gcomp/native_cupy.py) looks kernels up by name from Python, so
+// they get external linkage there: gcomp::cuda::rtc::<kernel>.
+namespace rtc {
+#else
 namespace {
+#endif
 
 using format::BFloat16Bits;
 using format::FloatKind;
@@ -57,14 +63,16 @@ struct RadixState {
   long long remaining;        // how many of the keys matching `prefix` are still to be taken
 };
 
-size_t align_up(size_t n) { return (n + 255) / 256 * 256; }
-
 __host__ __device__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+#if !defined(__CUDACC_RTC__)  // host-side functions of the launchers (NVRTC compiles device code only)
+size_t align_up(size_t n) { return (n + 255) / 256 * 256; }
 
 unsigned int grid_for(int64_t items) {
   const int64_t blocks = ceil_div(items, kThreads);
   return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > kMaxGridBlocks ? kMaxGridBlocks : blocks));
 }
+#endif
 
 // Index of the last layer whose `first` field is <= item (fields are non-decreasing).
 template <class Layer, class First>
@@ -283,6 +291,7 @@ __global__ void encode_indices_kernel(const PackLayer* layers, int64_t n_layers,
   }
 }
 
+#if !defined(__CUDACC_RTC__)
 template <class In>
 cudaError_t pack_for_input(const In* buffer, const PackLayer* layers, const PackPlan& plan,
                            FloatKind value_kind, uint8_t* message, void* workspace,
@@ -322,6 +331,7 @@ cudaError_t pack_for_input(const In* buffer, const PackLayer* layers, const Pack
   }
   return cudaGetLastError();
 }
+#endif  // !__CUDACC_RTC__
 
 // ---------------------------------------------------------------------------------------------
 // Decoding
@@ -494,11 +504,12 @@ __global__ void gather_entries_kernel(const uint8_t* messages, const UnpackLayer
   }
 }
 
-}  // namespace
+}  // namespace (rtc under NVRTC)
 
 // ---------------------------------------------------------------------------------------------
-// Launchers
+// Launchers (host code; gcomp/native_cupy.py mirrors them launch by launch for NVRTC builds)
 // ---------------------------------------------------------------------------------------------
+#if !defined(__CUDACC_RTC__)
 
 size_t topk_pack_workspace_bytes(const PackPlan& plan) {
   return align_up(sizeof(RadixState) * plan.n_layers) +
@@ -583,6 +594,8 @@ cudaError_t launch_gather_entries(const uint8_t* messages, const UnpackLayer* la
                           kThreads, 0, stream>>>(messages, layers, plan, value_kind, decoded, values, indices);
   return cudaGetLastError();
 }
+
+#endif  // !__CUDACC_RTC__
 
 }  // namespace cuda
 }  // namespace gcomp

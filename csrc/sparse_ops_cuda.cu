@@ -137,12 +137,12 @@ std::tuple<at::Tensor, at::Tensor> sparse_unpack_cuda(const at::Tensor& messages
   const BucketLayout layout =
       make_bucket_layout(op, offsets, numels, ks, value_dtype, std::numeric_limits<int64_t>::max());
   const int64_t n_messages = check_messages(op, messages, layout);
+  const c10::cuda::CUDAGuard guard(messages.device());  // before any allocation or stream query
   std::vector<int64_t> shape = {n_messages, layout.total_entries()};
   if (messages.dim() == 1) shape.erase(shape.begin());
   at::Tensor values = at::empty(shape, messages.options().dtype(value_dtype));
   at::Tensor indices = at::empty(shape, messages.options().dtype(at::kLong));
   if (n_messages == 0 || layout.total_entries() == 0) return {values, indices};
-  const c10::cuda::CUDAGuard guard(messages.device());
   const DecodedMessages decoded = decode_on_device(op, messages, layout, n_messages);
   C10_CUDA_CHECK(cuda::launch_gather_entries(
       decoded.messages.const_data_ptr<uint8_t>(),

@@ -10,6 +10,6 @@ from gcomp import ops
 def test_extension_loaded_when_required():
     if os.environ.get("GCOMP_REQUIRE_NATIVE", "0") != "1":
         pytest.skip("GCOMP_REQUIRE_NATIVE is not set: the pure-torch path is allowed here")
-    if os.environ.get(ops.DISABLE_NATIVE_ENV, "0") == "1":
-        pytest.skip("GCOMP_DISABLE_NATIVE=1 forces the pure-torch path")
+    if not ops.native_enabled():
+        pytest.skip("GCOMP_NATIVE=0 forces the pure-torch path")
     assert ops.native_available(), "gcomp._C was not built or did not load (see launch/setup_env.sh)"

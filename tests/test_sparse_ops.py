@@ -21,7 +21,7 @@ from gcomp import ops
 from gcomp.compress import sparse as reference
 
 NATIVE_MISSING_REASON = (
-    "gcomp._C is not built (pip install --no-build-isolation --use-pep517 -e .) or GCOMP_DISABLE_NATIVE=1"
+    "gcomp._C is not built (pip install --no-build-isolation --use-pep517 -e .) or GCOMP_NATIVE=0"
 )
 requires_native = pytest.mark.skipif(not ops.native_available(), reason=NATIVE_MISSING_REASON)
 
@@ -390,12 +390,12 @@ def test_native_ops_trace_with_fake_tensors():
 def test_ops_dispatch_honours_disable_switch(monkeypatch):
     x = torch.randn(3000)
     args = ([0, 1000], [1000, 2000], [10, 900], torch.float16)
-    monkeypatch.setenv(ops.DISABLE_NATIVE_ENV, "1")
+    monkeypatch.setenv(ops.NATIVE_ENV, "0")
     assert not ops.native_available()
     message = ops.topk_pack(x, *args)
     out = torch.zeros(3000)
     ops.sparse_unpack_add_(out, message, *args, scale=2.0)
-    monkeypatch.delenv(ops.DISABLE_NATIVE_ENV)
+    monkeypatch.delenv(ops.NATIVE_ENV)
     if ops.native_available():
         assert torch.equal(message, ops.topk_pack(x, *args))
         out_native = torch.zeros(3000)

@@ -346,7 +346,8 @@ def _check_messages(op: str, messages: torch.Tensor, layout: SparseMessageLayout
             f"{op}: a message has {messages.shape[-1]} bytes but the layout needs "
             f"{layout.message_bytes} (truncated message or different offsets/numels/ks/value_dtype?)"
         )
-    return messages.reshape(-1, layout.message_bytes).contiguous()
+    rows = messages.shape[0] if messages.dim() == 2 else 1  # explicit: -1 is ambiguous for 0-byte rows
+    return messages.reshape(rows, layout.message_bytes).contiguous()
 
 
 # ------------------------------------------------------------------------------------------------

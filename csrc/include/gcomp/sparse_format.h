@@ -13,8 +13,18 @@
 // Padding bytes are written as zero and ignored when reading.
 #pragma once
 
+#if defined(__CUDACC_RTC__)
+// NVRTC (the run-time compiler behind the cupy fallback) ships no C++ standard library; libcu++
+// from CCCL supplies the same fixed-width integers and memcpy.
+#include <cuda/std/cstdint>
+#include <cuda/std/cstring>
+namespace std {
+using ::cuda::std::memcpy;
+}  // namespace std
+#else
 #include <cstdint>
 #include <cstring>
+#endif
 
 #if defined(__CUDACC__)
 #define GCOMP_HD __host__ __device__

@@ -6,10 +6,12 @@
 // launch status.
 #pragma once
 
+#if !defined(__CUDACC_RTC__)
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
 #include <cstdint>
+#endif
 
 #include "gcomp/sparse_format.h"
 
@@ -59,14 +61,6 @@ struct PackPlan {
   int64_t total_index_items;
 };
 
-size_t topk_pack_workspace_bytes(const PackPlan& plan);
-
-// `message` must be zero-filled and hold the whole layout; `layers` is a device array.
-cudaError_t launch_topk_pack(format::FloatKind input_kind, const void* buffer,
-                             const PackLayer* layers, const PackPlan& plan,
-                             format::FloatKind value_kind, uint8_t* message, void* workspace,
-                             cudaStream_t stream);
-
 // ---- decoding ----
 
 struct DecodePlan {
@@ -77,6 +71,18 @@ struct DecodePlan {
   int64_t total_groups;        // over bit-packed layers
   int64_t total_bitmap_tiles;  // over bitmap layers
 };
+
+// ---- launchers (host code: not part of a run-time (NVRTC) compilation, which takes the kernels
+// from sparse_kernels.cu and launches them from Python, see gcomp/native_cupy.py) ----
+#if !defined(__CUDACC_RTC__)
+
+size_t topk_pack_workspace_bytes(const PackPlan& plan);
+
+// `message` must be zero-filled and hold the whole layout; `layers` is a device array.
+cudaError_t launch_topk_pack(format::FloatKind input_kind, const void* buffer,
+                             const PackLayer* layers, const PackPlan& plan,
+                             format::FloatKind value_kind, uint8_t* message, void* workspace,
+                             cudaStream_t stream);
 
 size_t decode_workspace_bytes(const DecodePlan& plan);
 
@@ -99,6 +105,8 @@ cudaError_t launch_gather_entries(const uint8_t* messages, const UnpackLayer* la
                                   const DecodePlan& plan, format::FloatKind value_kind,
                                   const int64_t* decoded, uint8_t* values, int64_t* indices,
                                   cudaStream_t stream);
+
+#endif  // !__CUDACC_RTC__
 
 }  // namespace cuda
 }  // namespace gcomp
