@@ -10,7 +10,8 @@ One quirk of fake CUDA tensors on a CPU-only build is bridged here, not in gcomp
 binding of ``Tensor.copy_`` refuses them, so the test routes it to the ATen operator (same
 semantics; device mismatches in arithmetic are still caught by the fake mode).
 
-What this cannot show (numerics, stream order, NCCL itself) is what ``benchmarks/gpu_check.py``
+The top-k ops run through their registered fake implementations (``gcomp.ops``), so message
+sizes and devices are the real ones. What this cannot show (numerics, stream order, NCCL itself) is what ``benchmarks/gpu_check.py``
 checks on a real GPU; the CPU suite checks numerics everywhere else.
 """
 from contextlib import nullcontext
@@ -22,9 +23,7 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import gcomp
-from gcomp import ops
 from gcomp.comm import CommWorker, DeviceRuntime
-from gcomp.compress.sparse import sparse_message_layout
 
 SHAPES = [(64, 32), (64,), (32, 32), (32,), (8, 32), (8,)]  # an MLP's weights and biases
 
@@ -78,18 +77,6 @@ class FakeBucket:
 
     def is_last(self) -> bool:
         return self._last
-
-
-def _fake_pack(buffer, offsets, numels, ks, value_dtype):
-    """Stand-in with the native op's contract (message size, dtype, device) for fake tensors."""
-    size = sparse_message_layout(numels, ks, value_dtype).message_bytes
-    return torch.empty(size, dtype=torch.uint8, device=buffer.device)
-
-
-def _fake_unpack_add_(out, messages, offsets, numels, ks, value_dtype, scale=1.0):
-    if messages.device != out.device:
-        raise RuntimeError(f"messages on {messages.device}, accumulator on {out.device}")
-    out.add_(torch.zeros_like(out))
 
 
 METHODS = [
@@ -148,8 +135,6 @@ def _drive(method: str, options: dict, dtype: torch.dtype, steps: int = 5) -> tu
 @pytest.mark.parametrize("method, options", METHODS, ids=[f"{m}-{i}" for i, (m, _) in enumerate(METHODS)])
 def test_hook_path_keeps_every_tensor_on_the_bucket_device(fake_process_group, monkeypatch, method, options, dtype):
     monkeypatch.setattr(torch.Tensor, "copy_", lambda self, source, non_blocking=False: torch.ops.aten.copy_.default(self, source, non_blocking))
-    monkeypatch.setattr(ops, "topk_pack", _fake_pack)
-    monkeypatch.setattr(ops, "sparse_unpack_add_", _fake_unpack_add_)
     state, runtime = _drive(method, options, dtype)
     stats = state.stats()
     assert stats["steps"] == 5 and stats["compressed_steps"] == 4
