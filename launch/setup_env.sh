@@ -21,6 +21,13 @@ source "$GCOMP_VENV/bin/activate"
 if ! python -c "import torch, numpy, pytest, hypothesis, matplotlib" >/dev/null 2>&1; then
   python -m pip install --quiet "$GCOMP_TORCH_SPEC" numpy pytest hypothesis matplotlib setuptools wheel ninja
 fi
+# The integrations and monitoring tools (gcomp's extras lightning, accelerate, tensorboard, progress),
+# which the tests exercise. Pinned to the torch just installed: lightning and accelerate require
+# torch, and an unconstrained resolve could replace the CPU wheel with a multi-GB CUDA build.
+if ! python -c "import lightning, accelerate, tensorboard, tqdm" >/dev/null 2>&1; then
+  GCOMP_TORCH_PIN="torch==$(python -c 'import torch; print(torch.__version__)')"
+  python -m pip install --quiet --constraint <(echo "$GCOMP_TORCH_PIN") lightning accelerate tensorboard tqdm
+fi
 # --no-build-isolation: build against the torch installed above instead of fetching another one;
 # --use-pep517: without it this pip takes the legacy "setup.py develop" path, which skips the extension.
 python -m pip install --quiet --no-build-isolation --use-pep517 --no-deps -e "$GCOMP_ROOT"
