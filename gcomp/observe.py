@@ -222,10 +222,37 @@ def progress(
     return iter(iterable)
 
 
+class _NoBar:
+    """Stands in for a tqdm bar when none is shown, so callers need no ``if``."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, text: str = "", refresh: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_counter(*, total: int, desc: Optional[str] = None, enabled: bool = True, **options: Any) -> Any:
+    """A bar advanced by hand (``bar.update()``), for loops that are not one iterable (nested
+    runs); same rules as :func:`progress`. Without a bar it returns an object with the same
+    ``update`` / ``set_postfix_str`` / ``close`` methods that does nothing."""
+    if enabled and sys.stderr.isatty():
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            logger.debug("tqdm is not installed: no progress bar")
+        else:
+            return tqdm(total=total, desc=desc, dynamic_ncols=True, **options)
+    return _NoBar()
+
+
 def progress_write(bar: Any, message: str) -> None:
     """Print ``message`` above ``bar`` (a :func:`progress` result) without breaking it."""
     write = getattr(type(bar), "write", None)
-    if write is not None and hasattr(bar, "set_postfix_str"):
+    if write is not None:  # tqdm.write: clears the bar, prints, redraws it
         write(message)
     else:
         print(message, flush=True)
