@@ -89,8 +89,9 @@ class GcompCallback(Callback):
     ``fit`` with the same callback continues from the first one's state.
 
     Works with every strategy whose ``trainer.strategy.model`` is a ``DistributedDataParallel``
-    (``"ddp"``, ``"ddp_spawn"``, ``"ddp_notebook"``, :class:`~lightning.pytorch.strategies.DDPStrategy`);
-    other multi-process strategies (FSDP, DeepSpeed) raise ``TypeError``. A single-process run has no
+    (``"ddp"``, :class:`~lightning.pytorch.strategies.DDPStrategy`; with ``"ddp_spawn"`` the state
+    lives in the spawned workers, not in the launching process); other multi-process strategies
+    (FSDP, DeepSpeed) raise ``TypeError``. A single-process run has no
     gradient exchange: the callback warns and installs nothing (``state`` stays ``None``).
     """
 
