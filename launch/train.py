@@ -25,8 +25,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from torch.nn.parallel import DistributedDataParallel
 
 import gcomp
-from gcomp.observe import TensorBoardLogger, progress, progress_write
 from gcomp.examples.charlm import Batches, CharLM, CharLMConfig, default_corpus_path, language_model_loss, load_corpus
+from gcomp.observe import TensorBoardLogger, progress, progress_write
 
 TORCH_METHODS = ("none", "torch-powersgd", "torch-fp16")
 

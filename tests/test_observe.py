@@ -104,3 +104,26 @@ def test_tensorboard_event_file_from_a_real_two_rank_run(tmp_path):
     sent, dense = events.Scalars("gcomp/bytes_sent")[-1].value, events.Scalars("gcomp/bytes_uncompressed")[-1].value
     assert 0 < sent < dense
     assert events.Scalars("gcomp_layers/rank/0.weight")[-1].value == 2.0
+
+
+def test_train_py_writes_tensorboard_scalars(tmp_path):
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    log_dir = tmp_path / "tb"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               os.path.join(root, "launch", "train.py"), "--model", "tiny", "--steps", "8", "--method", "powersgd", "--rank", "2",
+               "--warmup-steps", "2", "--batch-size", "4", "--eval-every", "0", "--eval-batches", "1", "--log-every", "2",
+               "--max-bytes", "100000", "--tensorboard", str(log_dir), "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=150, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/validation_loss", "gcomp/bytes_sent", "gcomp/compression_ratio"} <= set(tags)
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8]
+    assert events.Scalars("gcomp/bytes_sent")[-1].value < events.Scalars("gcomp/bytes_uncompressed")[-1].value
+    assert any(tag.startswith("gcomp_layers/rank/") for tag in tags)
