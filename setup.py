@@ -4,7 +4,8 @@ The extension holds the sparse packing kernels (``csrc/``). It is optional: gcom
 computes identical results without it (pure-torch twins in ``gcomp/ops.py``).
 
 Environment switches:
-  GCOMP_NO_NATIVE=1   build no extension at all (pure-torch path only)
+  GCOMP_NATIVE=0      build no extension at all (pure-torch path only; the same switch turns
+                      native code off at run time). GCOMP_NO_NATIVE=1 is still read, deprecated.
   GCOMP_SANITIZE=address  build the C++ code with AddressSanitizer (for memory-safety test runs;
                       run python with LD_PRELOAD=$(gcc -print-file-name=libasan.so))
   GCOMP_WITH_CUDA=1   force a CUDAExtension (needs a CUDA toolkit and a CUDA build of torch);
@@ -12,19 +13,24 @@ Environment switches:
 
 Build with ``pip install --no-build-isolation -e .`` so the extension compiles against the torch
 that is already installed instead of a freshly downloaded one.
+
+Package metadata (name, version, dependencies, extras) lives in ``pyproject.toml``; this file only
+adds the extension and ships the native sources inside the package (``gcomp/csrc/``), where
+``gcomp._sources.csrc_dir()`` finds them for run-time (NVRTC) compilation.
 """
 from __future__ import annotations
 
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _native_extensions() -> tuple[list, dict]:
-    if os.environ.get("GCOMP_NO_NATIVE", "0") == "1":
+    if os.environ.get("GCOMP_NATIVE", "1") == "0" or os.environ.get("GCOMP_NO_NATIVE", "0") == "1":
         return [], {}
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if not cpp_sources:
@@ -68,22 +74,29 @@ def _native_extensions() -> tuple[list, dict]:
     return [extension], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
+class BuildPyWithSources(build_py):
+    """Copy ``csrc/`` (sources and headers) into the built package as ``gcomp/csrc/``.
+
+    Editable installs skip the copy: there ``gcomp._sources`` reads the checkout's ``csrc/``.
+    """
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        patterns = ("*.cu", "*.cpp", os.path.join("include", "**", "*.h"))
+        for pattern in patterns:
+            for source in sorted(glob.glob(os.path.join(HERE, "csrc", pattern), recursive=True)):
+                relative = os.path.relpath(source, HERE)
+                target = os.path.join(self.build_lib, "gcomp", relative)
+                self.mkpath(os.path.dirname(target))
+                self.copy_file(source, target)
+
+
 ext_modules, cmdclass = _native_extensions()
 
+# Everything else (name, version from gcomp/_version.py, dependencies, extras) is in pyproject.toml.
 setup(
-    name="gcomp",
-    version="0.1.0",
-    description="Communication compression hooks for PyTorch DistributedDataParallel",
-    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
-    if os.path.exists(os.path.join(HERE, "README.md"))
-    else "",
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=["gcomp", "gcomp.*"]),
-    python_requires=">=3.9",
-    # torch is deliberately not an install requirement: an unpinned torch requirement makes pip
-    # fetch a multi-GB CUDA build. Install the torch you want first (see README).
-    install_requires=["numpy"],
-    extras_require={"test": ["pytest", "hypothesis"], "plots": ["matplotlib"]},
     ext_modules=ext_modules,
-    cmdclass=cmdclass,
+    cmdclass={**cmdclass, "build_py": BuildPyWithSources},
 )

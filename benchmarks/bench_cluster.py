@@ -42,6 +42,8 @@ sys.path.insert(0, os.path.join(ROOT, "launch"))
 from cluster import ClusterRun, run_training, split_passthrough  # noqa: E402
 from netns import ClusterError, EmulatedCluster  # noqa: E402
 
+from gcomp.observe import progress_counter, progress_write  # noqa: E402
+
 BASELINE_METHODS = ["none", "torch-fp16", "torch-powersgd", "powersgd", "allreduce", "bf16"]
 
 
@@ -315,9 +317,10 @@ def train_arguments(method: str, settings: Settings, log_path: str, extra: Seque
 
 
 def run_matrix(methods: Sequence[str], settings: Settings, work_dir: str, extra: Sequence[str],
-               timeout: float) -> list[dict[str, Any]]:
+               timeout: float, show_progress: bool = False) -> list[dict[str, Any]]:
     """Every method at every rate, one run at a time, one emulated cluster per rate."""
     results = []
+    bar = progress_counter(total=len(settings.rates) * len(methods), desc="runs", enabled=show_progress, unit="run")
     for rate in settings.rates:
         shaped = None if rate == "none" else rate
         with EmulatedCluster(nodes=2, rate=shaped) as cluster:
@@ -328,7 +331,7 @@ def run_matrix(methods: Sequence[str], settings: Settings, work_dir: str, extra:
                 if os.path.exists(log_path):
                     os.remove(log_path)
                 follower = LogFollower(cluster, log_path)
-                print(f"[{rate}] {method} ...", end=" ", flush=True)
+                bar.set_postfix_str(f"{rate} {method}")
                 run = run_training(cluster, train_arguments(method, settings, log_path, extra), log_dir=run_dir,
                                    quiet=True, timeout=timeout, monitor=follower, poll_interval=0.05)
                 follower(0.0)
@@ -336,7 +339,9 @@ def run_matrix(methods: Sequence[str], settings: Settings, work_dir: str, extra:
                 result["node_logs"] = run.node_logs
                 results.append(result)
                 status = "ok" if result["succeeded"] else f"FAILED {run.exit_codes}, see {run_dir}"
-                print(f"{status}, {run.wall_seconds:.1f} s", flush=True)
+                progress_write(bar, f"[{rate}] {method} ... {status}, {run.wall_seconds:.1f} s")
+                bar.update()
+    bar.close()
     return results
 
 
@@ -357,6 +362,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--plots", default=None, help="write PNG plots into this directory")
     parser.add_argument("--work-dir", default=None, help="per-run logs (default: a temp dir)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="per run, seconds")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (none anyway when stderr is not a terminal)")
     args = parser.parse_args(argv)
 
     base = QUICK if args.quick else FULL
@@ -373,7 +379,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"benchmark on 2 emulated nodes: methods {methods}, rates {list(settings.rates)}, {settings}", flush=True)
     started = time.perf_counter()
     try:
-        results = run_matrix(methods, settings, work_dir, extra, args.timeout)
+        results = run_matrix(methods, settings, work_dir, extra, args.timeout, show_progress=not args.no_progress)
     except ClusterError as error:
         print(f"bench_cluster.py: {error}", file=sys.stderr)
         return 2

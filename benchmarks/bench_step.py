@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 import gcomp
 from gcomp.compress.lowrank import effective_rank, matrix_shape, should_compress
 from gcomp.examples.charlm import Batches, CharLM, CharLMConfig, language_model_loss, load_corpus
+from gcomp.observe import progress_counter
 
 
 def torch_powersgd_bytes(model: torch.nn.Module, rank: int) -> int:
@@ -93,10 +94,14 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out_pat
         for _ in range(start_iter + 2):
             one_step(run)
         run["bytes_before"] = run["state"].stats()["bytes_sent"] if run["state"] is not None else 0
+    bar = progress_counter(total=args.rounds * len(runs) * args.steps_per_round, desc="timed steps",
+                           enabled=rank == 0 and not args.no_progress, unit="step")
     for _ in range(args.rounds):
         for run in runs.values():
             for _ in range(args.steps_per_round):
                 run["times"].append(one_step(run))
+                bar.update()
+    bar.close()
 
     results = {}
     for label, run in runs.items():
@@ -135,6 +140,7 @@ def main() -> None:
     parser.add_argument("--one-bucket-mb", type=float, default=100.0)
     parser.add_argument("--data", default=None, help="text corpus (default: Python's stdlib sources)")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (none anyway when stderr is not a terminal)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
         out_path = os.path.join(directory, "out.json")

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 
+from gcomp.observe import progress, progress_write
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -52,12 +54,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (none anyway when stderr is not a terminal)")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="arguments for launch/train.py, after --")
     args = parser.parse_args()
     extra = [a for a in args.extra if a != "--"]
     results = {}
-    for method in args.methods:
-        print(f"running {method} ...", flush=True)
+    bar = progress(args.methods, total=len(args.methods), desc="methods", enabled=not args.no_progress, unit="run")
+    for method in bar:
+        progress_write(bar, f"running {method} ...")
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(method)
         results[method] = run_method(method, args.steps, extra, args.nproc)
     print(f"\n{args.steps} steps, {args.nproc} workers, launch/train.py {' '.join(extra)}")
     print("| method | final train loss (mean of last 5 logs) | final validation loss | s/step | MB sent per compressed step | fewer bytes than DDP | MB sent in total |")

@@ -6,6 +6,7 @@ One line turns it on::
 
 or, PyTorch style, ``ddp_model.register_comm_hook(gcomp.PowerSGDState(rank=4), gcomp.powersgd_hook)``.
 """
+from ._version import __version__
 from .adaptive import AdaptiveConfig, AdaptiveController
 from .api import METHODS, register
 from .hooks import (
@@ -22,9 +23,8 @@ from .hooks import (
     topk_hook,
 )
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "METHODS",
     "AdaptiveConfig",
     "AdaptiveController",

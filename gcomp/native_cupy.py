@@ -15,7 +15,7 @@ bit-for-bit agreement with the CPU kernels. NVRTC is therefore called through cu
 architecture) is loaded with ``cupy.RawModule(path=...)``.
 
 cupy is never imported at module import time, only when a CUDA tensor first needs these kernels.
-Sources are looked up in ``gcomp/_csrc/`` (an installed wheel) and then ``<repo>/csrc/`` (a source
+Sources are looked up in ``gcomp/csrc/`` (an installed wheel) and then ``<repo>/csrc/`` (a source
 checkout or an editable install).
 """
 from __future__ import annotations
@@ -120,10 +120,14 @@ class KernelsUnavailable(RuntimeError):
 
 def kernel_root() -> Optional[Path]:
     """The directory holding ``sparse_kernels.cu`` and ``include/gcomp/``, or None."""
-    package = Path(__file__).resolve().parent
-    for root in (package / "_csrc", package.parent / "csrc"):
-        if (root / KERNEL_SOURCE).is_file() and (root / "include" / "gcomp" / "sparse_kernels.h").is_file():
-            return root
+    from ._sources import csrc_dir
+
+    try:
+        root = csrc_dir()
+    except FileNotFoundError:
+        return None
+    if (root / KERNEL_SOURCE).is_file() and (root / "include" / "gcomp" / "sparse_kernels.h").is_file():
+        return root
     return None
 
 

@@ -7,7 +7,7 @@
 #   GCOMP_VENV        where the virtualenv lives (default: <repo>/.venv)
 #   GCOMP_TORCH_SPEC  the torch requirement (default: torch==2.13.0, the CPU wheel; an open
 #                     range would pull a multi-GB CUDA build)
-#   GCOMP_NO_NATIVE=1 skip the C++ extension (gcomp then runs its pure-torch path)
+#   GCOMP_NATIVE=0    skip the C++ extension (gcomp then runs its pure-torch path)
 set -euo pipefail
 GCOMP_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 GCOMP_VENV="${GCOMP_VENV:-$GCOMP_ROOT/.venv}"
@@ -20,6 +20,13 @@ fi
 source "$GCOMP_VENV/bin/activate"
 if ! python -c "import torch, numpy, pytest, hypothesis, matplotlib" >/dev/null 2>&1; then
   python -m pip install --quiet "$GCOMP_TORCH_SPEC" numpy pytest hypothesis matplotlib setuptools wheel ninja
+fi
+# The integrations and monitoring tools (gcomp's extras lightning, accelerate, tensorboard, progress),
+# which the tests exercise. Pinned to the torch just installed: lightning and accelerate require
+# torch, and an unconstrained resolve could replace the CPU wheel with a multi-GB CUDA build.
+if ! python -c "import lightning, accelerate, tensorboard, tqdm" >/dev/null 2>&1; then
+  GCOMP_TORCH_PIN="torch==$(python -c 'import torch; print(torch.__version__)')"
+  python -m pip install --quiet --constraint <(echo "$GCOMP_TORCH_PIN") lightning accelerate tensorboard tqdm
 fi
 # --no-build-isolation: build against the torch installed above instead of fetching another one;
 # --use-pep517: without it this pip takes the legacy "setup.py develop" path, which skips the extension.

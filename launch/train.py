@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import gcomp
 from gcomp.examples.charlm import Batches, CharLM, CharLMConfig, default_corpus_path, language_model_loss, load_corpus
+from gcomp.observe import TensorBoardLogger, progress, progress_write
 
 TORCH_METHODS = ("none", "torch-powersgd", "torch-fp16")
 
@@ -74,6 +75,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--json", default=None, help="append one JSON record per log line to this file (rank 0)")
+    parser.add_argument("--tensorboard", default=None, metavar="DIR",
+                        help="write TensorBoard scalars (loss, bytes, compression ratio, per-layer settings, "
+                             "adaptive decisions) to DIR every --log-every steps (rank 0; needs tensorboard)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (there is none anyway when stderr is not a terminal)")
     parser.add_argument("--checkpoint", default=None, help="directory for per-rank checkpoints (saved at the end and every --checkpoint-every steps)")
     parser.add_argument("--checkpoint-every", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint if it holds a checkpoint")
@@ -190,11 +196,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{world} workers, method {args.method}, model {args.model} ({parameters / 1e6:.2f} M parameters), "
               f"corpus {len(corpus) / 1e6:.1f} MB from {args.data}", flush=True)
     log = open(args.json, "a", encoding="utf-8") if (args.json and rank == 0) else None
+    board = None
+    if args.tensorboard and rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=args.tensorboard)
+        board = TensorBoardLogger(state, writer) if state is not None else None
+    steps = progress(range(start, args.steps), total=args.steps - start, initial=start, desc=args.method,
+                     enabled=rank == 0 and not args.no_progress, unit="step")
     started = time.perf_counter()
     loss_value = float("nan")
     validation = None
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    for step in range(start, args.steps):
+    for step in steps:
         if args.fault_kill_at == step and first_attempt and rank == world - 1:
             print(f"rank {rank}: killing itself (SIGKILL) before step {step}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -221,7 +235,17 @@ def main(argv: list[str] | None = None) -> int:
             line += f"  {elapsed / (step + 1 - start):.3f} s/step"
             if state is not None:
                 line += f"  sent {record['bytes_sent'] / 1e6:.1f} MB (x{record['compression_ratio']:.1f} less than uncompressed)"
-            print(line, flush=True)
+            progress_write(steps, line)
+            if hasattr(steps, "set_postfix_str"):
+                steps.set_postfix_str(f"loss {loss_value:.3f}" + (f" x{record['compression_ratio']:.1f}" if state is not None else ""))
+            if args.tensorboard:
+                writer.add_scalar("train/loss", loss_value, step + 1)
+                if validation is not None and (args.eval_every and (step + 1) % args.eval_every == 0 or last):
+                    writer.add_scalar("train/validation_loss", validation, step + 1)
+                writer.add_scalar("train/seconds_per_step", elapsed / (step + 1 - start), step + 1)
+                if board is not None:
+                    board.log(step + 1)
+                writer.flush()
             if log is not None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
@@ -239,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     if log is not None:
         log.close()
+    if hasattr(steps, "close"):
+        steps.close()
+    if args.tensorboard and rank == 0:
+        writer.close()
     if state is not None:
         state.close()
     del ddp, optimizer, state
