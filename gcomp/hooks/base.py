@@ -96,6 +96,11 @@ class HookState(ABC):
         """Per-layer settings given by name (``layer_ranks``, ``layer_densities``)."""
         return {}
 
+    def set_layer_overrides(self, overrides: Mapping[str, Any]) -> None:
+        """Replace the per-layer settings (methods without any accept only an empty mapping)."""
+        if overrides:
+            raise ValueError(f"method {self.method!r} has no per-layer settings; got {dict(overrides)}")
+
     @abstractmethod
     def reduce(self, buffer: torch.Tensor, layout: BucketLayout, step: int) -> torch.Tensor:
         """Average ``buffer`` over ranks (compressed). Runs on the communication thread; may block.
@@ -164,6 +169,7 @@ class HookState(ABC):
             "layers": self.store.state_dict(),
             "controller": self.controller.state_dict() if self.controller is not None else None,
             "gradient_scale": self._gradient_scale,
+            "overrides": dict(self.layer_overrides()),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -201,7 +207,8 @@ class HookState(ABC):
         saved_scale = state.get("gradient_scale")
         self._gradient_scale = float(saved_scale) if saved_scale is not None else None
         self._requested_gradient_scale = self._gradient_scale
-        self.settings_changed()
+        # Format 1 saved the overrides under the method's own option name.
+        self.set_layer_overrides(state.get("overrides", state.get("layer_ranks", state.get("layer_densities", {}))))
 
     def close(self) -> None:
         """Stop the communication thread (call before ``destroy_process_group``)."""

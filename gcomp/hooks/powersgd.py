@@ -167,6 +167,9 @@ class PowerSGDState(HookState):
     def layer_overrides(self) -> Mapping[str, int]:
         return self.layer_ranks
 
+    def set_layer_overrides(self, overrides: Mapping[str, Any]) -> None:
+        self.set_layer_ranks(overrides)
+
     def set_layer_ranks(self, layer_ranks: Mapping[str, int]) -> None:
         """Per-layer ranks ``{parameter name: rank}`` (applied from the next bucket on; call
         between steps, on every rank alike: the next step proves every rank holds the same). A
@@ -184,15 +187,6 @@ class PowerSGDState(HookState):
 
     def _workspace_tensors(self) -> list[torch.Tensor]:
         return [workspace for pool in self._workspaces.values() for workspace in pool]
-
-    def state_dict(self) -> dict[str, Any]:
-        out = super().state_dict()
-        out["layer_ranks"] = dict(self.layer_ranks)
-        return out
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.set_layer_ranks(state.get("layer_ranks", {}))
 
     # ------------------------------------------------------------------ the codec
     def _build_plan(self, layout: BucketLayout) -> PowerSGDPlan:

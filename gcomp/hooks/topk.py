@@ -172,18 +172,12 @@ class TopKState(HookState):
     def layer_overrides(self) -> Mapping[str, float]:
         return self.layer_densities
 
+    def set_layer_overrides(self, overrides: Mapping[str, Any]) -> None:
+        self.set_layer_densities(overrides)
+
     def settings_changed(self) -> None:
         super().settings_changed()
         self._agreed_layouts.clear()
-
-    def state_dict(self) -> dict[str, Any]:
-        out = super().state_dict()
-        out["layer_densities"] = dict(self.layer_densities)
-        return out
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.set_layer_densities(state.get("layer_densities", {}))
 
     # ------------------------------------------------------------------ the codec
     def _build_plan(self, layout: BucketLayout) -> TopKPlan:
