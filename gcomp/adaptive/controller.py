@@ -21,6 +21,7 @@ collectives are ordered with the buckets' on every rank.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
@@ -32,6 +33,8 @@ from ..hooks.base import HookState
 from ..metrics import TrafficStats
 from .families import Family, family_for
 from .solver import solve
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,7 @@ class AdaptiveController:
         names = sorted(self.accumulated)
         candidates = [self.family.candidates(self.shapes[name]) for name in names]
         self._agree("the adaptive problem (profiled layers and their candidates)", list(zip(names, candidates)))
-        rows = [self.family.errors(self.accumulated[name], self.shapes[name], options) for name, options in zip(names, candidates)]
+        rows = [self._errors(name, options) for name, options in zip(names, candidates)]
         errors: list[list[float]] = []
         if rows:
             # One small allreduce averages the error table, so every rank solves the same problem.
@@ -160,7 +163,15 @@ class AdaptiveController:
         sizes = [[self.family.size(self.shapes[name], option) for option in options] for name, options in zip(names, candidates)]
         uniform = [options.index(_closest(options, self._uniform_for(name))) for name, options in zip(names, candidates)]
         budget = self.config.alpha * sum(errors[layer][choice] for layer, choice in enumerate(uniform)) if names else 0.0
-        solution = solve(sizes, errors, budget, uniform, resolution=self.config.resolution)
+        # On any failure (a non-finite table entry, no feasible choice) the previous choice stays.
+        current = self.state.layer_overrides()
+        previous = [
+            options.index(_closest(options, current.get(name, self._uniform_for(name)))) for name, options in zip(names, candidates)
+        ]
+        unusable = sorted(name for name, row in zip(names, errors) if not all(math.isfinite(e) for e in row))
+        if unusable:
+            logger.warning("gcomp adaptive: non-finite compression errors for %s; those layers keep their setting where needed", unusable)
+        solution = solve(sizes, errors, budget, previous, resolution=self.config.resolution)
         choices = {name: options[choice] for name, options, choice in zip(names, candidates, solution.choices)}
         # Identical tables give identical choices; proven before the choice changes any
         # collective's size (a disagreement would otherwise hang or mix data).
@@ -189,6 +200,16 @@ class AdaptiveController:
         self.history.append(record)
         self._log(record)
         return record
+
+    def _errors(self, name: str, options: list[float]) -> torch.Tensor:
+        """One layer's row of the error table. A failure here (e.g. an SVD that does not converge)
+        must not leave this rank out of the table's allreduce: the row becomes NaN, which the sum
+        spreads to every rank, so every rank treats the layer alike."""
+        try:
+            return self.family.errors(self.accumulated[name], self.shapes[name], options)
+        except Exception as error:  # noqa: BLE001 - reported, and agreed on through the allreduce
+            logger.warning("gcomp adaptive: could not measure compression errors of layer %s: %r", name, error)
+            return torch.full((len(options),), math.nan, dtype=torch.float64, device=self._device)
 
     def _uniform_for(self, name: str) -> float:
         return self.family.uniform()

@@ -250,6 +250,19 @@ class HookState(ABC):
             plan = self._plans[key] = build(layout)
         return plan
 
+    def skip_step(self, gradients: torch.Tensor, layout: BucketLayout, step: int) -> None:
+        """The all-reduced data of a bucket is non-finite (on every rank alike): drop this step's
+        updates, and say which of this rank's layers held inf/NaN (one host read per layer, only
+        on this path). A warning while the adaptive controller profiles (its window loses a
+        step), else an info record: GradScaler overflows are routine."""
+        self.lifecycle.mark_non_finite()
+        bad = [slot.name for slot in layout.layers if not self.worker.runtime.all_finite(slot.flat(gradients))]
+        level = logging.WARNING if self.observer is not None else logging.INFO
+        if bad:
+            logger.log(level, "gcomp: step %d is skipped on every rank: non-finite gradients on this rank in layers %s", step, bad)
+        else:
+            logger.log(level, "gcomp: step %d is skipped on every rank: non-finite values on another rank or on the wire", step)
+
     def dense_average_(self, buffer: torch.Tensor) -> torch.Tensor:
         """Plain averaging allreduce, in place (divide first: safe for half precision)."""
         buffer.div_(self.transport.world_size)

@@ -285,7 +285,7 @@ class PowerSGDState(HookState):
             # makes its rows of P non-finite): every rank sees the same non-finite sum, so every
             # rank skips the Q exchange, leaves its state untouched and hands GradScaler a
             # non-finite bucket.
-            self.lifecycle.mark_non_finite()
+            self.skip_step(buffer, layout, step)
             self._write_dense(buffer, plan, message, world)
             for group in plan.groups:
                 for slot in group.layers:

@@ -289,7 +289,7 @@ class TopKState(HookState):
             # Some rank had inf/NaN, or a value that overflowed the wire dtype: every rank sees the
             # same non-finite sum, so every rank skips the allgather, leaves its state untouched
             # and hands GradScaler a non-finite bucket.
-            self.lifecycle.mark_non_finite()
+            self.skip_step(local, layout, step)
             for layer in compressed:
                 layer.slot.flat(buffer).fill_(math.nan)
             return buffer

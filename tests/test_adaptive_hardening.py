@@ -1,0 +1,85 @@
+"""The adaptive controller under faults on one rank only: never a hang, never diverging settings."""
+import logging
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+import gcomp
+from distributed import run_ranks
+from models import batch, make_mlp
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(f"{record.levelname}: {record.getMessage()}")
+
+
+def _faulty_rank(rank: int, world_size: int, fault: str) -> dict:
+    records = _Records()
+    logging.getLogger("gcomp").addHandler(records)
+    logging.getLogger("gcomp").setLevel(logging.INFO)
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(make_mlp(width=64, depth=5), bucket_cap_mb=0.02)
+    config = gcomp.AdaptiveConfig(every_steps=6, accumulate_steps=3)
+    state = gcomp.register(ddp, "powersgd", rank=4, warmup_steps=2, min_compression_rate=1.5, adaptive=config)
+    target = dict(ddp.module.named_parameters())["2.weight"]
+    if fault == "svd" and rank == 1:
+        original = state.controller.family.errors
+
+        def failing(tensor, shape, settings):
+            if tuple(shape) == tuple(target.shape) and tensor.numel() == target.numel():
+                raise torch.linalg.LinAlgError("the SVD did not converge (injected)")
+            return original(tensor, shape, settings)
+
+        state.controller.family.errors = failing
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
+    for step in range(14):
+        handle = None
+        if fault == "nan" and rank == 1 and step == 4:  # inside the window profiled for step 6's decision
+            handle = target.register_hook(lambda gradient: gradient * float("nan"))
+        x, y = batch(rank, step)
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(ddp(x), y).backward()
+        if handle is not None:
+            handle.remove()
+        if all(torch.isfinite(p.grad).all() for p in ddp.parameters()):
+            optimizer.step()
+    result = {
+        "history": [(r["step"], r["choices"], r["used_fallback"]) for r in state.controller.history],
+        "settings": dict(state.layer_ranks),
+        "params": [p.detach().clone() for p in ddp.parameters()],
+        "skipped": state.stats()["skipped_steps"],
+        "messages": records.messages,
+    }
+    state.close()
+    return result
+
+
+def _check_agreeing(results: list[dict]) -> None:
+    first, second = results
+    assert first["history"] == second["history"] and len(first["history"]) >= 2, first["history"]
+    assert first["settings"] == second["settings"]
+    for a, b in zip(first["params"], second["params"]):
+        assert torch.equal(a, b) and torch.isfinite(a).all()
+
+
+def test_nan_on_one_rank_in_the_profiled_window():
+    results = run_ranks(_faulty_rank, 2, "nan", timeout=120)
+    _check_agreeing(results)
+    assert results[0]["skipped"] == results[1]["skipped"] == 1
+    warnings = [m for m in results[1]["messages"] if m.startswith("WARNING") and "2.weight" in m]
+    assert warnings, results[1]["messages"]
+
+
+def test_failed_error_measurement_on_one_rank_keeps_the_previous_choice():
+    results = run_ranks(_faulty_rank, 2, "svd", timeout=120)
+    _check_agreeing(results)
+    first_decision = results[0]["history"][0]
+    assert first_decision[2] is True, first_decision  # the fallback: the choice before (uniform)
+    assert all(rank == 4 for rank in first_decision[1].values()), first_decision
+    assert any("2.weight" in m and "could not measure" in m for m in results[1]["messages"]), results[1]["messages"]
+    assert any("non-finite compression errors" in m for m in results[0]["messages"]), results[0]["messages"]
