@@ -39,7 +39,7 @@ def _faulty_rank(rank: int, world_size: int, fault: str) -> dict:
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
     for step in range(14):
         handle = None
-        if fault == "nan" and rank == 1 and step == 4:  # inside the window profiled for step 6's decision
+        if fault == "nan" and rank == 1 and step == 6:  # compressed step 5: in the window before the decision at 6
             handle = target.register_hook(lambda gradient: gradient * float("nan"))
         x, y = batch(rank, step)
         optimizer.zero_grad()
@@ -83,3 +83,31 @@ def test_failed_error_measurement_on_one_rank_keeps_the_previous_choice():
     assert all(rank == 4 for rank in first_decision[1].values()), first_decision
     assert any("2.weight" in m and "could not measure" in m for m in results[1]["messages"]), results[1]["messages"]
     assert any("non-finite compression errors" in m for m in results[0]["messages"]), results[0]["messages"]
+
+
+def _schedule(rank: int, world_size: int) -> dict:
+    torch.manual_seed(0)
+    out = {}
+    for label, config in (
+        ("every", gcomp.AdaptiveConfig(every_steps=6, accumulate_steps=3)),
+        ("on_request", gcomp.AdaptiveConfig(every_steps=None, accumulate_steps=2)),
+    ):
+        ddp = DistributedDataParallel(make_mlp(width=64, depth=5), bucket_cap_mb=0.02)
+        state = gcomp.register(ddp, "powersgd", rank=4, warmup_steps=2, min_compression_rate=1.5, adaptive=config)
+        for step in range(14):
+            x, y = batch(rank, step)
+            ddp.zero_grad()
+            torch.nn.functional.mse_loss(ddp(x), y).backward()
+        if config.every_steps is None:
+            state.controller.epoch_end()
+        out[label] = [(r["step"], r["compressed_step"], r["observed_steps"]) for r in state.controller.history]
+        state.close()
+    return out
+
+
+def test_schedule_counts_compressed_steps_and_window_sizes():
+    for result in run_ranks(_schedule, 2, timeout=120):
+        # Warm-up steps (2) are not counted: decisions after compressed steps 6 and 12.
+        assert result["every"] == [(8, 6, 3), (14, 12, 3)], result["every"]
+        # On request, only the first accumulate_steps compressed steps after the last decision.
+        assert result["on_request"] == [(14, 12, 2)], result["on_request"]

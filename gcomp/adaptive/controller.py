@@ -1,10 +1,10 @@
-"""L-GreCo's controller: every N sync steps (or when told, e.g. at each epoch end) re-pick each
+"""L-GreCo's controller: every N compressed sync steps (or when told, e.g. at each epoch end) re-pick each
 layer's rank / density so that the bytes sent are minimal while the total compression error stays
 within that of the uniform setting.
 
 One decision, on every rank alike:
 
-1. During the last ``accumulate_steps`` sync steps before a decision the hook shows the
+1. During the last ``accumulate_steps`` compressed steps before a decision the hook shows the
    controller each compressed layer's input to the compressor (error-feedback corrected); the
    controller sums them per layer.
 2. Each rank computes the error of every candidate on its sums; **one allreduce averages the error
@@ -48,7 +48,7 @@ class AdaptiveConfig:
     for top-k) bounds how far a layer can move from the uniform setting in one decision.
     """
 
-    every_steps: Optional[int] = 100  # None: only on decide_now() / epoch_end()
+    every_steps: Optional[int] = 100  # compressed sync steps; None: only on decide_now() / epoch_end()
     accumulate_steps: int = 10
     alpha: float = 1.0
     rank_range: tuple[float, float] = (0.5, 2.0)
@@ -93,7 +93,8 @@ class AdaptiveController:
         self._steps_at_last_decision = 0
         self._device = torch.device("cpu")  # where the profiled tensors live (the buckets' device)
         state.controller = self
-        self._update_observer(state.traffic.steps)
+        self._compressed_seen = state.traffic.compressed_steps
+        self._update_observer(state.traffic.compressed_steps)
 
     # ------------------------------------------------------------------ schedule
     def _next_decision(self) -> Optional[int]:
@@ -102,14 +103,23 @@ class AdaptiveController:
         return self.last_decision_step + self.config.every_steps
 
     def _update_observer(self, completed_steps: int) -> None:
-        """Observe the coming step if it falls in the accumulation window (always, when decisions
-        are only made on request)."""
+        """Observe the coming step if it falls in the accumulation window: the last
+        ``accumulate_steps`` compressed steps before a scheduled decision, or, when decisions are
+        only made on request, the first ``accumulate_steps`` compressed steps after the last one."""
         next_decision = self._next_decision()
-        observing = next_decision is None or completed_steps >= next_decision - self.config.accumulate_steps
+        if next_decision is None:
+            observing = self.observed_steps < self.config.accumulate_steps
+        else:
+            observing = completed_steps >= next_decision - self.config.accumulate_steps
         self.state.observer = self._observe if observing else None
 
     def on_step_end(self, completed_steps: int) -> None:
-        """Called by the hook state on the communication thread after each step."""
+        """Called by the hook state on the communication thread after each step, with the number
+        of *compressed* steps so far: the schedule counts those (warm-up steps send no
+        compressed data, so there is nothing to profile or decide about in them)."""
+        if completed_steps == self._compressed_seen:
+            return  # a warm-up step (or a skipped one that never reached the codec)
+        self._compressed_seen = completed_steps
         if self.state.observer is not None:
             self.observed_steps += 1
         next_decision = self._next_decision()
@@ -122,8 +132,8 @@ class AdaptiveController:
         record: dict[str, Any] = {}
 
         def job() -> torch.Tensor:
-            record.update(self._decide(self.state.traffic.steps))
-            self._update_observer(self.state.traffic.steps)
+            record.update(self._decide(self.state.traffic.compressed_steps))
+            self._update_observer(self.state.traffic.compressed_steps)
             return torch.zeros((), device=self._device)
 
         self.state.worker.run_now(job, self._device)  # after every queued bucket, on the communication thread
@@ -176,12 +186,13 @@ class AdaptiveController:
         # Identical tables give identical choices; proven before the choice changes any
         # collective's size (a disagreement would otherwise hang or mix data).
         self._agree("the adaptive decision", sorted(choices.items()))
-        measured = self._measured_bytes_per_step(completed_steps)
+        measured = self._measured_bytes_per_step(self.state.traffic.steps)
         if choices:
             self.family.apply(choices)
         record = {
             "decision": self.decisions,
-            "step": completed_steps,
+            "step": self.state.traffic.steps,
+            "compressed_step": completed_steps,
             "setting": self.family.setting,
             "choices": choices,
             "uniform": self.family.uniform(),
@@ -252,7 +263,8 @@ class AdaptiveController:
         self._bytes_at_last_decision = int(saved["bytes_at_last_decision"])
         self._steps_at_last_decision = int(saved["steps_at_last_decision"])
         self.history = list(saved["history"])
-        self._update_observer(self.state.traffic.steps)
+        self._compressed_seen = self.state.traffic.compressed_steps
+        self._update_observer(self.state.traffic.compressed_steps)
 
 
 def _closest(options: list[float], value: float) -> float:

@@ -329,7 +329,7 @@ class HookState(ABC):
             if step == 0:
                 self._check_override_names()
             if self.controller is not None:
-                self.controller.on_step_end(self.traffic.steps)
+                self.controller.on_step_end(self.traffic.compressed_steps)
         return result
 
     def _verify_config(self, device: torch.device) -> None:
