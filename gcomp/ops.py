@@ -42,6 +42,15 @@ def native_available() -> bool:
     return _native_extension() is not None
 
 
+def simd_level() -> str:
+    """The SIMD level of the native CPU kernels: "avx512", "avx2" or "portable" ("none" when the
+    pure-torch path runs). ``GCOMP_SIMD=avx512|avx2|portable`` forces a level (read at every call);
+    by default the best one this CPU supports runs. All levels give identical bytes."""
+    if not native_available():
+        return "none"
+    return _native_extension().simd_level()
+
+
 def _use_native(device: torch.device) -> bool:
     """Native for CPU tensors, and for other devices only if the extension has kernels for them."""
     if not native_available():
