@@ -191,7 +191,15 @@ struct Arena {
 };
 
 // One arena per (type, role) and thread.
-enum ArenaRole { kValueList = 0, kKeyList = 1, kWordList = 2, kSelectedList = 3, kPositionList = 4, kTakenList = 5 };
+enum ArenaRole {
+  kValueList = 0,
+  kKeyList = 1,
+  kWordList = 2,
+  kSelectedList = 3,
+  kPositionList = 4,
+  kTakenList = 5,
+  kUnpackPositionList = 6
+};
 template <class T, int kRole>
 Arena<T>& thread_arena() {
   static thread_local Arena<T> arena;
@@ -1554,9 +1562,13 @@ struct ValidatedMessages {
   const uint8_t* message(int64_t m, int64_t message_bytes) const { return bytes + m * message_bytes; }
 };
 
-// Elements a decode or unpack touches: every entry, plus a scan of every bitmap.
+// Work of a decode or unpack, in thread_count's units (elements a pack scans): every entry, plus
+// a scan of every bitmap. An entry costs about as much as kEntryWork scanned elements (a decoded
+// index and a read-modify-write of a cold cache line against a compare per element), so an unpack
+// of a few ten thousand entries already gets a second thread.
+constexpr int64_t kEntryWork = 8;
 int64_t decode_work(const BucketLayout& layout, int64_t n_messages) {
-  int64_t per_message = layout.total_entries();
+  int64_t per_message = kEntryWork * layout.total_entries();
   for (int64_t l = 0; l < layout.n_layers(); ++l) {
     if (layout.sections[l].bitmap) per_message += layout.numels[l] / 8;
   }
@@ -1755,9 +1767,146 @@ void visit_span(const ValidatedMessages& validated, const BucketLayout& layout, 
 // sparse_unpack_add_
 // ---------------------------------------------------------------------------------------------
 
+#ifdef GCOMP_X86_SIMD
+// Adding a bitmap layer's float32 entries into float32 output: for a run of output elements the
+// entries of every message are expanded to their element positions, multiplied by the scale and
+// added in registers, message 0, 1, 2, ... in turn, and the run is stored once. Lane by lane these
+// are the IEEE operations of format::accumulate_scaled (a multiply rounded to float, then an add;
+// no FMA), in the same message order, so the sums are bitwise identical; lanes a message has no
+// entry for are left alone (masked adds and blends). accumulate_scaled turns every NaN sum into
+// the canonical quiet NaN; here that happens once, after the last message, on the lanes any
+// message added to: a NaN stays NaN through later adds, so the result is the same, and each add
+// depends on the previous one through its latency only.
+// A dense layer thus costs a few vector operations per 8 or 16 elements and message instead of a
+// loop iteration, a mispredicted branch and a load and store of the output per entry.
+constexpr int kMessagesAtOnce = 8;
+
+// One span's elements [begin, end) of one layer (begin a multiple of 64), messages
+// [0, n_messages) (at most kMessagesAtOnce): bitmaps[m] is message m's bitmap of the layer,
+// values[m] its entries from the span's first one on. out: the layer's output at `begin`.
+__attribute__((target("avx512f,avx512bw,avx512vl,popcnt,bmi,bmi2"))) void add_bitmap_span_avx512(
+    float* out, const uint8_t* const* bitmaps, const float* const* values, int n_messages, int64_t begin,
+    int64_t end, float scale) {
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  const __m512 quiet_nan = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000));
+  int64_t consumed[kMessagesAtOnce] = {};
+  for (int64_t w = begin; w < end; w += kWordElements) {
+    const int n_bytes = static_cast<int>(std::min<int64_t>(8, ceil_div(end - w, 8)));
+    uint64_t words[kMessagesAtOnce];
+    uint64_t any = 0;
+    for (int m = 0; m < n_messages; ++m) {
+      words[m] = format::load_bitmap_word(bitmaps[m] + w / 8, n_bytes);
+      any |= words[m];
+    }
+    // The four vectors of the word are independent chains: the adds of one overlap the others'.
+    __m512 acc[4];
+    for (int q = 0; q < 4; ++q) acc[q] = _mm512_maskz_loadu_ps(static_cast<__mmask16>(any >> (16 * q)), out + (w - begin) + 16 * q);
+    for (int m = 0; m < n_messages; ++m) {
+      const uint64_t word = words[m];
+      const float* entries = values[m] + consumed[m];
+      // Where each vector's entries start, counted from the word, not one after the other.
+      const int64_t at[5] = {0, _mm_popcnt_u64(word & 0xFFFFu), _mm_popcnt_u64(word & 0xFFFFFFFFu),
+                             _mm_popcnt_u64(word & 0xFFFFFFFFFFFFull), _mm_popcnt_u64(word)};
+      for (int q = 0; q < 4; ++q) {
+        const __mmask16 mine = static_cast<__mmask16>(word >> (16 * q));
+        // Loaded (masked: nothing past the entries is read), then expanded in registers (the
+        // memory form of the expand is several times slower on Zen 4).
+        const __mmask16 head = static_cast<__mmask16>(_bzhi_u32(0xFFFFu, static_cast<unsigned>(at[q + 1] - at[q])));
+        const __m512 packed = _mm512_maskz_loadu_ps(head, entries + at[q]);
+        acc[q] = _mm512_mask_add_ps(acc[q], mine, acc[q], _mm512_mul_ps(_mm512_maskz_expand_ps(mine, packed), scale_v));
+      }
+      consumed[m] += at[4];
+    }
+    for (int q = 0; q < 4; ++q) {
+      // Masked stores: lanes without entries (also those past the layer's end) are not touched.
+      const __mmask16 touched = static_cast<__mmask16>(any >> (16 * q));
+      const __mmask16 nan = _mm512_mask_cmp_ps_mask(touched, acc[q], acc[q], _CMP_UNORD_Q);
+      _mm512_mask_storeu_ps(out + (w - begin) + 16 * q, touched, _mm512_mask_mov_ps(acc[q], nan, quiet_nan));
+    }
+  }
+}
+
+// Entry m: for each lane set in m, the number of set lanes below it (the entry it takes), one
+// per byte: the inverse of CompressTable.
+struct ExpandTable {
+  uint64_t lanes[256];
+  constexpr ExpandTable() : lanes{} {
+    for (int m = 0; m < 256; ++m) {
+      uint64_t entry = 0;
+      int taken = 0;
+      for (int lane = 0; lane < 8; ++lane) {
+        if ((m >> lane) & 1) entry |= static_cast<uint64_t>(taken++) << (8 * lane);
+      }
+      lanes[m] = entry;
+    }
+  }
+};
+constexpr ExpandTable kExpandTable{};
+
+// The AVX2 form: 8 lanes, expanded by a table permutation. Entries are loaded as full vectors
+// and the output loaded and stored whole, so a word runs this way only where all its 64 elements
+// lie inside the layer and every message has 8 entries to spare past the word's; other words go
+// entry by entry (message by message, which keeps each element's order).
+__attribute__((target("avx2,popcnt,bmi,bmi2"))) void add_bitmap_span_avx2(float* out, const uint8_t* const* bitmaps,
+                                                                 const float* const* values,
+                                                                 const int64_t* n_values, int n_messages,
+                                                                 int64_t begin, int64_t end, float scale) {
+  const __m256 scale_v = _mm256_set1_ps(scale);
+  const __m256 quiet_nan = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000));
+  const __m256i lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  int64_t consumed[kMessagesAtOnce] = {};
+  for (int64_t w = begin; w < end; w += kWordElements) {
+    const int n_bytes = static_cast<int>(std::min<int64_t>(8, ceil_div(end - w, 8)));
+    uint64_t words[kMessagesAtOnce];
+    bool vector = end - w >= kWordElements;
+    for (int m = 0; m < n_messages; ++m) {
+      words[m] = format::load_bitmap_word(bitmaps[m] + w / 8, n_bytes);
+      vector = vector && n_values[m] - consumed[m] >= kWordElements + 8;
+    }
+    float* o = out + (w - begin);
+    if (!vector) {
+      for (int m = 0; m < n_messages; ++m) {
+        for (uint64_t rest = words[m]; rest != 0; rest &= rest - 1u) {
+          format::accumulate_scaled(o + format::lowest_set_bit(rest), values[m][consumed[m]++], scale);
+        }
+      }
+      continue;
+    }
+    __m256 acc[8];
+    for (int q = 0; q < 8; ++q) acc[q] = _mm256_loadu_ps(o + 8 * q);
+    uint64_t any = 0;
+    for (int m = 0; m < n_messages; ++m) {
+      const uint64_t word = words[m];
+      any |= word;
+      const float* entries = values[m] + consumed[m];
+      for (int q = 0; q < 8; ++q) {
+        const unsigned mine = static_cast<unsigned>(word >> (8 * q)) & 0xFFu;
+        // Where the vector's entries start, counted from the word, not one after the other.
+        const int64_t at = _mm_popcnt_u64(_bzhi_u64(word, static_cast<unsigned>(8 * q)));
+        const __m256i permutation =
+            _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(kExpandTable.lanes[mine])));
+        const __m256 expanded = _mm256_permutevar8x32_ps(_mm256_loadu_ps(entries + at), permutation);
+        const __m256 selected = _mm256_castsi256_ps(
+            _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(mine)), lane_bits), lane_bits));
+        acc[q] = _mm256_blendv_ps(acc[q], _mm256_add_ps(acc[q], _mm256_mul_ps(expanded, scale_v)), selected);
+      }
+      consumed[m] += _mm_popcnt_u64(word);
+    }
+    for (int q = 0; q < 8; ++q) {
+      const unsigned touched = static_cast<unsigned>(any >> (8 * q)) & 0xFFu;
+      const __m256 touched_nan = _mm256_and_ps(
+          _mm256_cmp_ps(acc[q], acc[q], _CMP_UNORD_Q),
+          _mm256_castsi256_ps(_mm256_cmpeq_epi32(
+              _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(touched)), lane_bits), lane_bits)));
+      _mm256_storeu_ps(o + 8 * q, _mm256_blendv_ps(acc[q], quiet_nan, touched_nan));
+    }
+  }
+}
+#endif
+
 template <FloatKind kValueKind, class Out, class Scale>
 void add_messages(Out* out, const ValidatedMessages& validated, const BucketLayout& layout,
-                  Scale scale) {
+                  Scale scale, SimdLevel level) {
   const std::vector<ElementSpan> spans = element_spans(layout, validated.ranges);
   const int64_t n_spans = static_cast<int64_t>(spans.size());
   int64_t longest_span = 1;
@@ -1766,15 +1915,41 @@ void add_messages(Out* out, const ValidatedMessages& validated, const BucketLayo
   {
     // The entries of one (span, message): positions relative to the span start. Collected first
     // so the scattered read-modify-writes can be prefetched ahead; at low density nearly every
-    // entry touches its own cold cache line. (Allocated, not cleared: only used pages cost.)
-    const std::unique_ptr<uint32_t[]> positions(new uint32_t[longest_span]);
+    // entry touches its own cold cache line. Per-thread storage kept between calls: a fresh
+    // allocation of this size is an mmap, and its pages fault in again at every call.
+    uint32_t* positions = thread_arena<uint32_t, kUnpackPositionList>().room(longest_span);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < n_spans; ++u) {
       const ElementSpan& span = spans[u];
       Out* span_out = out + layout.offsets[span.layer] + span.begin;
+      const LayerSection& section = layout.sections[span.layer];
       for (int64_t m = 0; m < validated.n_messages; ++m) {  // fixed order: identical sums everywhere
-        const uint8_t* values =
-            validated.message(m, layout.message_bytes) + layout.sections[span.layer].value_offset;
+        const uint8_t* values = validated.message(m, layout.message_bytes) + section.value_offset;
+#ifdef GCOMP_X86_SIMD
+        if constexpr (kValueKind == FloatKind::kFloat32 && std::is_same_v<Out, float>) {
+          if (section.bitmap && level != SimdLevel::kPortable) {
+            if (m % kMessagesAtOnce != 0) continue;  // done with the batch of messages starting at m - m % 8
+            const int batch = static_cast<int>(std::min<int64_t>(kMessagesAtOnce, validated.n_messages - m));
+            const uint8_t* bitmaps[kMessagesAtOnce];
+            const float* entries[kMessagesAtOnce];
+            int64_t n_entries[kMessagesAtOnce];
+            for (int b = 0; b < batch; ++b) {
+              const uint8_t* message = validated.message(m + b, layout.message_bytes);
+              const int64_t first =
+                  validated.first_entry[(m + b) * static_cast<int64_t>(validated.ranges.size()) + span.first_range];
+              bitmaps[b] = message + section.index_offset;
+              entries[b] = reinterpret_cast<const float*>(message + section.value_offset) + first;
+              n_entries[b] = layout.ks[span.layer] - first;
+            }
+            if (level == SimdLevel::kAvx512) {
+              add_bitmap_span_avx512(span_out, bitmaps, entries, batch, span.begin, span.end, scale);
+            } else {
+              add_bitmap_span_avx2(span_out, bitmaps, entries, n_entries, batch, span.begin, span.end, scale);
+            }
+            continue;
+          }
+        }
+#endif
         int64_t first_entry = -1, count = 0;
         visit_span(validated, layout, m, span, [&](int64_t j, int64_t index) {
           if (first_entry < 0) first_entry = j;
@@ -1790,21 +1965,23 @@ void add_messages(Out* out, const ValidatedMessages& validated, const BucketLayo
         }
       }
     }
+    thread_arena<uint32_t, kUnpackPositionList>().trim();
   }
+  (void)level;
 }
 
 template <class Out, class Scale>
 void add_messages_for_value_kind(Out* out, const ValidatedMessages& validated,
-                                 const BucketLayout& layout, Scale scale) {
+                                 const BucketLayout& layout, Scale scale, SimdLevel level) {
   switch (layout.value_kind) {
     case FloatKind::kFloat32:
-      add_messages<FloatKind::kFloat32>(out, validated, layout, scale);
+      add_messages<FloatKind::kFloat32>(out, validated, layout, scale, level);
       break;
     case FloatKind::kFloat16:
-      add_messages<FloatKind::kFloat16>(out, validated, layout, scale);
+      add_messages<FloatKind::kFloat16>(out, validated, layout, scale, level);
       break;
     default:
-      add_messages<FloatKind::kBFloat16>(out, validated, layout, scale);
+      add_messages<FloatKind::kBFloat16>(out, validated, layout, scale, level);
       break;
   }
 }
@@ -1816,6 +1993,7 @@ void sparse_unpack_add_cpu(const at::Tensor& out, const at::Tensor& messages_in,
   check_unpack_out(op, out, messages_in);
   const BucketLayout layout = make_bucket_layout(op, offsets, numels, ks, value_dtype, out.numel());
   check_layers_disjoint(op, layout);
+  const SimdLevel level = active_simd_level();
   const int64_t n_messages = check_messages(op, messages_in, layout);
   if (n_messages == 0 || layout.n_layers() == 0) return;
   const at::Tensor messages = messages_in.contiguous();
@@ -1825,18 +2003,18 @@ void sparse_unpack_add_cpu(const at::Tensor& out, const at::Tensor& messages_in,
   switch (out.scalar_type()) {
     case at::kFloat:
       add_messages_for_value_kind(static_cast<float*>(data), validated, layout,
-                                  static_cast<float>(scale));
+                                  static_cast<float>(scale), level);
       break;
     case at::kDouble:
-      add_messages_for_value_kind(static_cast<double*>(data), validated, layout, scale);
+      add_messages_for_value_kind(static_cast<double*>(data), validated, layout, scale, level);
       break;
     case at::kHalf:
       add_messages_for_value_kind(static_cast<Half16*>(data), validated, layout,
-                                  static_cast<float>(scale));
+                                  static_cast<float>(scale), level);
       break;
     default:
       add_messages_for_value_kind(static_cast<BFloat16Bits*>(data), validated, layout,
-                                  static_cast<float>(scale));
+                                  static_cast<float>(scale), level);
       break;
   }
 }

@@ -6,6 +6,7 @@ need the native kernels skip, saying why, when the extension is not built.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from contextlib import contextmanager
@@ -394,6 +395,42 @@ def test_native_levels_on_large_float32_layers(level):
             with forced_simd(level):
                 native = torch.ops.gcomp.topk_pack(x, offsets, numels, ks, value_dtype)
             assert torch.equal(native, reference.topk_pack(x, offsets, numels, ks, value_dtype)), (density, value_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def dense_bitmap_case():
+    """Messages and the twin's sums for test_native_unpack_levels_on_dense_bitmaps (shared by
+    its levels: the twin's packing is the slow part)."""
+    numels = [70_001, 65_536]
+    offsets = [3, 3 + numels[0]]
+    ks = [21_000, 30_000]
+    total = offsets[1] + numels[1] + 5
+    messages = []
+    for m in range(9):
+        x = make_buffer(total, "nan" if m % 3 == 0 else "wide", 100 + m, torch.float32)
+        x[m * 7 : m * 7 + 3] = float("inf") if m % 2 else -float("inf")
+        messages.append(reference.topk_pack(x, offsets, numels, ks, torch.float32))
+    stacked = torch.stack(messages)
+    out = make_buffer(total, "nan", 5, torch.float32)
+    expected = {}
+    for scale in (1.0, -0.3):
+        expected[scale] = out.clone()
+        reference.sparse_unpack_add_(expected[scale], stacked, offsets, numels, ks, torch.float32, scale)
+    return offsets, numels, ks, stacked, out, expected
+
+
+@requires_native
+@pytest.mark.parametrize("level", simd_level_params())
+def test_native_unpack_levels_on_dense_bitmaps(level):
+    """The vector add of bitmap layers (float32 into float32): more messages than one batch (8),
+    a layer ending inside a word, NaN and infinite entries, and NaN payloads in the output that
+    no entry touches (which must keep their bits) or that an entry turns canonical."""
+    offsets, numels, ks, stacked, out, expected = dense_bitmap_case()
+    for scale, want in expected.items():
+        actual = out.clone()
+        with forced_simd(level):
+            torch.ops.gcomp.sparse_unpack_add_(actual, stacked, offsets, numels, ks, torch.float32, scale)
+        assert same_bits(actual, want)
 
 
 @requires_native
