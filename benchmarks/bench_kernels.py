@@ -71,7 +71,7 @@ def cpu_model() -> str:
 
 def cpu_simd_flags() -> list[str]:
     """The /proc/cpuinfo flags that decide the SIMD level (what the CPU has, whatever runs)."""
-    wanted = {"avx2", "bmi2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vbmi2"}
+    wanted = {"avx2", "bmi2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vbmi2"}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             for line in handle:
