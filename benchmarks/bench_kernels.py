@@ -10,13 +10,20 @@ reports the median and the best of its timed calls; throughputs and ratios use t
 is the least disturbed by other processes on a shared machine. A native kernel and its memcpy
 are timed in alternation (copy, call, copy, call, ...), so both see the same machine.
 
+The native kernels have SIMD levels (avx512, avx2, portable; see gcomp.ops.simd_level). By
+default the level the CPU would run is measured; ``--levels avx512 avx2 portable`` measures each
+(through GCOMP_SIMD) in one run, every level's calls again alternating with their own memcpy, and
+prints one table per level. The CPU model and the levels measured head the output.
+
     python benchmarks/bench_kernels.py --quick                 # 1M and 4M elements (CI)
     python benchmarks/bench_kernels.py --json runs/kernels.json
+    python benchmarks/bench_kernels.py --levels avx512 avx2 portable --json runs/kernels.json
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -50,12 +57,61 @@ def gigabytes_per_second(n_bytes: int, milliseconds: float) -> float:
     return n_bytes / (milliseconds * 1e-3) / 1e9
 
 
-def bench_case(numel: int, density: float, n_messages: int, repeats: int, twin_repeats: int) -> dict:
+def cpu_model() -> str:
+    """The CPU's model name (platform.processor() only says x86_64 on Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_simd_flags() -> list[str]:
+    """The /proc/cpuinfo flags that decide the SIMD level (what the CPU has, whatever runs)."""
+    wanted = {"avx2", "bmi2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vbmi2"}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return sorted(wanted & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return []
+
+
+def with_simd_level(level: str | None, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn run with GCOMP_SIMD=level (None: as the environment says)."""
+    if level is None:
+        return fn
+
+    def run() -> object:
+        previous = os.environ.get("GCOMP_SIMD")
+        os.environ["GCOMP_SIMD"] = level
+        try:
+            return fn()
+        finally:
+            if previous is None:
+                del os.environ["GCOMP_SIMD"]
+            else:
+                os.environ["GCOMP_SIMD"] = previous
+
+    return run
+
+
+def bench_case(numel: int, density: float, n_messages: int, repeats: int, twin_repeats: int, level: str | None = None,
+               twin: dict | None = None) -> dict:
+    """One case at one SIMD level (None: the default). ``twin``: the twin's timings from another
+    level's row of the same case, reused (the twin has no levels)."""
     generator = torch.Generator().manual_seed(0)
     buffer = torch.randn(numel, generator=generator)
     layer = ([0], [numel], [max(1, int(density * numel))], torch.float32)
     native = ops.native_available()
     row: dict = {"numel": numel, "density": density, "k": layer[2][0], "messages": n_messages}
+    if native:
+        row["simd_level"] = with_simd_level(level, ops.simd_level)()
 
     message = reference.topk_pack(buffer, *layer)
     row["message_bytes"] = message.numel()
@@ -69,17 +125,21 @@ def bench_case(numel: int, density: float, n_messages: int, repeats: int, twin_r
     dense_copy = torch.empty_like(buffer)
     message_copy = torch.empty_like(messages)
     timings = {}
-    timings["pack_twin"], timings["unpack_twin"] = time_calls(
-        [lambda: reference.topk_pack(buffer, *layer), lambda: reference.sparse_unpack_add_(out, messages, *layer, 0.25)],
-        twin_repeats,
-    )
+    if twin is not None:
+        timings["pack_twin"], timings["unpack_twin"] = twin["pack_twin"], twin["unpack_twin"]
+    else:
+        timings["pack_twin"], timings["unpack_twin"] = time_calls(
+            [lambda: reference.topk_pack(buffer, *layer),
+             lambda: reference.sparse_unpack_add_(out, messages, *layer, 0.25)],
+            twin_repeats,
+        )
     # Each native kernel alternates with its memcpy (the memcpy alone when the extension is absent).
     for op, memcpy, kernel in (
-        ("pack", lambda: dense_copy.copy_(buffer), lambda: torch.ops.gcomp.topk_pack(buffer, *layer)),
+        ("pack", lambda: dense_copy.copy_(buffer), with_simd_level(level, lambda: torch.ops.gcomp.topk_pack(buffer, *layer))),
         (
             "unpack",
             lambda: message_copy.copy_(messages),
-            lambda: torch.ops.gcomp.sparse_unpack_add_(out, messages, *layer, 0.25),
+            with_simd_level(level, lambda: torch.ops.gcomp.sparse_unpack_add_(out, messages, *layer, 0.25)),
         ),
     ):
         results = time_calls([memcpy, kernel] if native else [memcpy], repeats)
@@ -88,7 +148,8 @@ def bench_case(numel: int, density: float, n_messages: int, repeats: int, twin_r
             timings[f"{op}_native"] = results[1]
     for name, timing in timings.items():
         n_bytes = pack_bytes if name.startswith("pack") else unpack_bytes
-        row[name] = {**timing, "gb_per_s": gigabytes_per_second(n_bytes, timing["best_ms"])}
+        row[name] = {**{k: v for k, v in timing.items() if k != "gb_per_s"},
+                     "gb_per_s": gigabytes_per_second(n_bytes, timing["best_ms"])}
     if native:
         for op in ("pack", "unpack"):
             row[f"{op}_speedup_vs_twin"] = row[f"{op}_twin"]["best_ms"] / row[f"{op}_native"]["best_ms"]
@@ -131,29 +192,49 @@ def main() -> None:
         help="timed calls per native/memcpy case (default: 256 at 1M elements, fewer for larger ones, at least 4)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--levels", nargs="+", choices=["avx512", "avx2", "portable"], default=None,
+        help="SIMD levels to measure, one table each (default: the level that runs without GCOMP_SIMD)",
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    levels: list[str | None] = list(args.levels) if args.levels else [None]
+    if not ops.native_available():
+        levels = [None]
 
+    model = cpu_model()
+    print(f"CPU: {model} ({os.cpu_count()} logical CPUs; flags: {' '.join(cpu_simd_flags()) or '-'}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("SIMD levels measured: " + ", ".join(with_simd_level(level, ops.simd_level)() for level in levels))
     rows = []
     for numel in QUICK_SIZES if args.quick else FULL_SIZES:
         large = numel >= 1 << 26  # the twin takes seconds here: time it once
         repeats = args.repeats if args.repeats is not None else max(4, (1 << 28) // numel)
         for density in DENSITIES:
-            rows.append(
-                bench_case(numel, density, args.messages, repeats=repeats, twin_repeats=1 if large else 5)
-            )
+            twin = None
+            for level in levels:
+                row = bench_case(numel, density, args.messages, repeats=repeats, twin_repeats=1 if large else 5,
+                                 level=level, twin=twin)
+                twin = twin or {"pack_twin": row["pack_twin"], "unpack_twin": row["unpack_twin"]}
+                rows.append(row)
     report = {
         "benchmark": "sparse top-k pack/unpack kernels",
         "native_available": ops.native_available(),
+        "simd_levels": [with_simd_level(level, ops.simd_level)() for level in levels],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "processor": platform.processor(),
+        "cpu_model": model,
+        "cpu_simd_flags": cpu_simd_flags(),
         "throughput_unit": "GB/s of input read (dense buffer for pack, gathered messages for unpack)",
         "results": rows,
     }
-    print(markdown_table(rows))
+    for level in levels:
+        name = with_simd_level(level, ops.simd_level)()
+        print(f"\nSIMD level: {name}")
+        print(markdown_table([row for row in rows if row.get("simd_level", "none") == name]))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2)

@@ -16,6 +16,7 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #endif
+#include <cstring>
 
 #include <algorithm>
 #include <cmath>
@@ -54,6 +55,78 @@ int thread_count(int64_t work) {
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------------------------
+// SIMD levels
+// ---------------------------------------------------------------------------------------------
+// The float32 pack runs on one of three code paths, chosen per call: AVX-512 (F, BW, VL, VBMI2
+// for the compress instructions, and BMI2), AVX2 (+ BMI2: compress emulated by a permutation
+// table), or portable C++ written for the compiler's vectoriser. Every path produces the same
+// bytes. The best level the CPU runs is the default; GCOMP_SIMD=avx512|avx2|portable forces one,
+// so each path can be tested and timed on any machine able to run it. Each level's code is
+// compiled with function target attributes, so the build needs no -m flags and the library loads
+// on any x86-64 CPU.
+enum class SimdLevel : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+constexpr const char* kSimdEnv = "GCOMP_SIMD";
+
+const char* simd_level_name(SimdLevel level) {
+  switch (level) {
+    case SimdLevel::kAvx512:
+      return "avx512";
+    case SimdLevel::kAvx2:
+      return "avx2";
+    default:
+      return "portable";
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define GCOMP_X86_SIMD 1
+#endif
+
+bool cpu_supports(SimdLevel level) {
+#ifdef GCOMP_X86_SIMD
+  switch (level) {
+    case SimdLevel::kAvx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2") &&
+             __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+    case SimdLevel::kAvx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") &&
+             __builtin_cpu_supports("popcnt");
+    default:
+      return true;
+  }
+#else
+  return level == SimdLevel::kPortable;
+#endif
+}
+
+// The levels this CPU can run, fastest first.
+std::vector<SimdLevel> supported_simd_levels() {
+  std::vector<SimdLevel> levels;
+  for (SimdLevel level : {SimdLevel::kAvx512, SimdLevel::kAvx2, SimdLevel::kPortable}) {
+    if (cpu_supports(level)) levels.push_back(level);
+  }
+  return levels;
+}
+
+// The level a call runs at: GCOMP_SIMD if set (read at every call, so tests can switch it),
+// else the best the CPU supports. A level the CPU lacks is an error, not a silent fallback: a
+// test or benchmark that asked for it must not quietly measure another path.
+SimdLevel active_simd_level() {
+  const char* env = std::getenv(kSimdEnv);
+  const std::string wanted = env == nullptr ? "" : env;
+  if (wanted.empty() || wanted == "auto") return supported_simd_levels().front();
+  for (SimdLevel level : {SimdLevel::kAvx512, SimdLevel::kAvx2, SimdLevel::kPortable}) {
+    if (wanted != simd_level_name(level)) continue;
+    TORCH_CHECK_VALUE(cpu_supports(level), kSimdEnv, "=", wanted,
+                      ": this CPU lacks the instructions of that level (the best it runs is ",
+                      simd_level_name(supported_simd_levels().front()), ")");
+    return level;
+  }
+  TORCH_CHECK_VALUE(false, kSimdEnv, " must be avx512, avx2, portable or auto, not '", wanted, "'");
+}
 
 // ---------------------------------------------------------------------------------------------
 // topk_pack
@@ -118,7 +191,15 @@ struct Arena {
 };
 
 // One arena per (type, role) and thread.
-enum ArenaRole { kValueList = 0, kKeyList = 1, kWordList = 2, kSelectedList = 3, kPositionList = 4, kTakenList = 5 };
+enum ArenaRole {
+  kValueList = 0,
+  kKeyList = 1,
+  kWordList = 2,
+  kSelectedList = 3,
+  kPositionList = 4,
+  kTakenList = 5,
+  kUnpackPositionList = 6
+};
 template <class T, int kRole>
 Arena<T>& thread_arena() {
   static thread_local Arena<T> arena;
@@ -264,19 +345,6 @@ void bracket_from_sample(const In* x, int64_t numel, int64_t k, PackLayerPlan<Ke
   plan.top = std::min(plan.high, sample_max);
 }
 
-// True if some element of x[0, n) has magnitude_key >= low (low >= 1). Written as an OR of
-// differences whose sign bit is set exactly when a key reaches `low` (keys stay below the sign
-// bit), which compilers vectorise where a loop over bool does not.
-template <class In, class Key>
-bool any_key_at_least(const In* x, int64_t n, Key low) {
-  using SignedKey = std::make_signed_t<Key>;
-  SignedKey sign_bits = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    sign_bits |= static_cast<SignedKey>((low - 1) - static_cast<Key>(format::magnitude_bits(x[i])));
-  }
-  return sign_bits < 0;
-}
-
 // Running state of one chunk's scan.
 template <class In, class Key>
 struct ScanLists {
@@ -289,8 +357,36 @@ struct ScanLists {
   int64_t n_above_high = 0;
 };
 
-// Scans x[first, length) of a chunk (first a multiple of 64) without branches per element: every
-// value and key is stored, the counts advance only for candidates and bracket keys.
+// The kept word of x[0, n) (n <= 64): bit t set when magnitude_key(x[t]) >= low. The flags come
+// from a loop without dependencies between elements (the compiler turns it into vector compares
+// at whatever width the target has); a multiply then gathers each group of eight flag bytes into
+// eight bits, instead of 64 dependent shifts and ORs.
+template <class In, class Key>
+uint64_t kept_word_portable(const In* x, int n, Key low) {
+  alignas(8) uint8_t flags[kWordElements];
+  for (int t = 0; t < n; ++t) flags[t] = static_cast<uint8_t>(static_cast<Key>(format::magnitude_bits(x[t])) >= low);
+  for (int t = n; t < kWordElements; ++t) flags[t] = 0;
+  uint64_t word = 0;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  for (int b = 0; b < kWordElements / 8; ++b) {
+    uint64_t eight;  // byte i (0 or 1) is flag 8 b + i
+    std::memcpy(&eight, flags + 8 * b, sizeof(eight));
+    // Byte i times 2^(56 - 7 i) lands on bit 56 + i; no two products overlap, so no carries.
+    word |= ((eight * 0x0102040810204080ull) >> 56) << (8 * b);
+  }
+#else
+  for (int t = 0; t < kWordElements; ++t) word |= static_cast<uint64_t>(flags[t]) << t;
+#endif
+  return word;
+}
+
+// Scans x[first, length) of a chunk (first a multiple of 64), portable code. Each word's kept
+// bits come first (kept_word_portable, vectorised). Words with fewer candidates than half their
+// elements then copy them by a loop over the set bits (a loop iteration per candidate and about
+// one mispredicted exit per word); fuller words run a branch-free loop over every element
+// (every value and key stored, the counts advancing only for candidates and bracket keys), which
+// is cheaper there. Without a compress instruction the per-element loop costs about five cycles
+// an element, so at 10 % density the set-bit loop is several times faster.
 template <class In, class Key>
 void scan_range_portable(const In* x, int64_t first, int64_t length, const PackLayerPlan<Key>& plan,
                          ScanLists<In, Key>& lists) {
@@ -298,31 +394,41 @@ void scan_range_portable(const In* x, int64_t first, int64_t length, const PackL
   int64_t n_kept = lists.n_kept, n_bracket = lists.n_bracket, n_above_high = lists.n_above_high;
   for (int64_t w = first; w < length; w += kWordElements) {
     const int n = static_cast<int>(std::min<int64_t>(kWordElements, length - w));
-    uint64_t word = 0;
-    // Most words of a sparse layer hold no candidate: skip them after a vectorised test.
-    if (low == 0 || any_key_at_least(x + w, n, low)) {
-      for (int t = 0; t < n; ++t) {
+    const uint64_t word = kept_word_portable(x + w, n, low);
+    lists.words[w / kWordElements] = word;
+    if (word == 0) continue;
+    if (2 * format::popcount64(word) < n) {
+      for (uint64_t rest = word; rest != 0; rest &= rest - 1u) {
+        const int t = format::lowest_set_bit(rest);
         const In value = x[w + t];
         const Key key = format::magnitude_key(value);
-        const bool kept = key >= low;
         lists.values[n_kept] = value;
         if (lists.positions != nullptr) lists.positions[n_kept] = static_cast<uint16_t>(w + t);
-        n_kept += kept;
+        ++n_kept;
         lists.keys[n_bracket] = key;
-        n_bracket += kept & (key <= high);
+        n_bracket += key <= high;
         n_above_high += key > high;
-        word |= static_cast<uint64_t>(kept) << t;
       }
+      continue;
     }
-    lists.words[w / kWordElements] = word;
+    for (int t = 0; t < n; ++t) {
+      const In value = x[w + t];
+      const Key key = format::magnitude_key(value);
+      const bool kept = (word >> t) & 1u;
+      lists.values[n_kept] = value;
+      if (lists.positions != nullptr) lists.positions[n_kept] = static_cast<uint16_t>(w + t);
+      n_kept += kept;
+      lists.keys[n_bracket] = key;
+      n_bracket += kept & (key <= high);
+      n_above_high += key > high;
+    }
   }
   lists.n_kept = n_kept;
   lists.n_bracket = n_bracket;
   lists.n_above_high = n_above_high;
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define GCOMP_AVX512_PACK 1
+#ifdef GCOMP_X86_SIMD
 // The keys of 16 float32 values (lanes outside `valid`: 0). The masked min avoids a false GCC 12
 // warning that the unmasked form trips.
 __attribute__((target("avx512f"))) inline __m512i float32_keys(const float* values, __mmask16 valid) {
@@ -465,6 +571,44 @@ __attribute__((target("bmi2"))) inline uint64_t spread_taken_bits(const uint16_t
   return _pdep_u64(read_taken_window(taken, cursor), word);
 }
 
+// Writes a chunk's bitmap words from its taken stream (bit j of taken[g]: candidate 16 g + j
+// taken, see take_candidates_*): the bits of each kept word's candidates, spread back to their
+// element positions with pdep. Branch-free; shared by the AVX-512 and AVX2 levels. taken has room
+// for n_groups + 8 entries.
+__attribute__((target("popcnt,bmi,bmi2"))) void write_bitmap_from_taken(uint16_t* taken, int64_t n_groups,
+                                                                       const uint64_t* words, int64_t chunk_begin,
+                                                                       int64_t length, uint8_t* bitmap) {
+  std::fill(taken + n_groups, taken + n_groups + 8, uint16_t(0));  // read (and unused) past the end
+  const int64_t full_words = length / kWordElements;
+  uint8_t* bytes = bitmap + chunk_begin / 8;  // little-endian: a word's bytes are the bitmap's bytes
+  int64_t cursor = 0;                         // candidates of the words before b
+  int64_t b = 0;
+  // Two words per step share one 64-bit window of the stream while their candidates fit in it.
+  for (; b + 2 <= full_words; b += 2) {
+    const uint64_t first = words[b], second = words[b + 1];
+    const int n_first = __builtin_popcountll(first), n_second = __builtin_popcountll(second);
+    const uint64_t window = read_taken_window(taken, cursor);
+    const uint64_t take_first = _pdep_u64(window, first);
+    const uint64_t take_second = n_first + n_second <= 63 ? _pdep_u64(window >> n_first, second)
+                                                         : spread_taken_bits(taken, cursor + n_first, second);
+    std::memcpy(bytes + 8 * b, &take_first, sizeof(take_first));
+    std::memcpy(bytes + 8 * b + 8, &take_second, sizeof(take_second));
+    cursor += n_first + n_second;
+  }
+  for (; b < full_words; ++b) {
+    const uint64_t word = words[b];
+    const uint64_t take = spread_taken_bits(taken, cursor, word);
+    std::memcpy(bytes + 8 * b, &take, sizeof(take));
+    cursor += __builtin_popcountll(word);
+  }
+  if (full_words * kWordElements < length) {  // the layer's last, partial word
+    const uint64_t take = spread_taken_bits(taken, cursor, words[full_words]);
+    for (int64_t byte = 0; byte < ceil_div(length - full_words * kWordElements, 8); ++byte) {
+      bytes[8 * full_words + byte] = static_cast<uint8_t>(take >> (8 * byte));
+    }
+  }
+}
+
 // The element indices (chunk_begin + place) of the taken candidates `t` of a group of 16, stored
 // to selected[0, 16) under `stored` (bit i: entry i).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2"))) inline void store_taken_indices(
@@ -546,42 +690,292 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt,bmi,bmi2")))
   uint16_t* taken = thread_arena<uint16_t, kTakenList>().room(n_groups + 8);  // bit j of taken[g]: 16 g + j taken
   take_candidates_avx512<false>(candidates, places, n_kept, chunk_begin, kth, position, end_position, ties_left, out,
                                 taken, nullptr);
+  write_bitmap_from_taken(taken, n_groups, words, chunk_begin, length, bitmap);
+}
+#endif
 
-  std::fill(taken + n_groups, taken + n_groups + 8, uint16_t(0));  // read (and unused) past the end
-  const int64_t full_words = length / kWordElements;
-  uint8_t* bytes = bitmap + chunk_begin / 8;  // little-endian: a word's bytes are the bitmap's bytes
-  int64_t cursor = 0;                         // candidates of the words before b
-  int64_t b = 0;
-  // Two words per step share one 64-bit window of the stream while their candidates fit in it.
-  for (; b + 2 <= full_words; b += 2) {
-    const uint64_t first = words[b], second = words[b + 1];
-    const int n_first = __builtin_popcountll(first), n_second = __builtin_popcountll(second);
-    const uint64_t window = read_taken_window(taken, cursor);
-    const uint64_t take_first = _pdep_u64(window, first);
-    const uint64_t take_second = n_first + n_second <= 63 ? _pdep_u64(window >> n_first, second)
-                                                         : spread_taken_bits(taken, cursor + n_first, second);
-    std::memcpy(bytes + 8 * b, &take_first, sizeof(take_first));
-    std::memcpy(bytes + 8 * b + 8, &take_second, sizeof(take_second));
-    cursor += n_first + n_second;
-  }
-  for (; b < full_words; ++b) {
-    const uint64_t word = words[b];
-    const uint64_t take = spread_taken_bits(taken, cursor, word);
-    std::memcpy(bytes + 8 * b, &take, sizeof(take));
-    cursor += __builtin_popcountll(word);
-  }
-  if (full_words * kWordElements < length) {  // the layer's last, partial word
-    const uint64_t take = spread_taken_bits(taken, cursor, words[full_words]);
-    for (int64_t byte = 0; byte < ceil_div(length - full_words * kWordElements, 8); ++byte) {
-      bytes[8 * full_words + byte] = static_cast<uint8_t>(take >> (8 * byte));
+#ifdef GCOMP_X86_SIMD
+// ---------------------------------------------------------------------------------------------
+// AVX2 level (+ BMI2, POPCNT), float32 input: the same steps as the AVX-512 level, 8 lanes per
+// vector. AVX2 has no compress instruction; a lane permutation from a 256-entry table (indexed
+// by the 8-bit mask, 2 KB, stays in L1) moves the selected lanes to the front, and a full vector
+// is stored, the lanes past the count being overwritten by the next store or ignored (the lists
+// have kListSlack entries of slack). Keys are below 2^31 (the NaN key is 0x7F800001), so AVX2's
+// signed compares order them like unsigned ones.
+// ---------------------------------------------------------------------------------------------
+
+// Entry m: the source lane of each destination lane for the lanes set in m, one per byte.
+struct CompressTable {
+  uint64_t lanes[256];
+  constexpr CompressTable() : lanes{} {
+    for (int m = 0; m < 256; ++m) {
+      uint64_t entry = 0;
+      int out = 0;
+      for (int lane = 0; lane < 8; ++lane) {
+        if ((m >> lane) & 1) entry |= static_cast<uint64_t>(lane) << (8 * out++);
+      }
+      lanes[m] = entry;
     }
+  }
+};
+constexpr CompressTable kCompressTable{};
+
+// The lanes of v set in mask (8 bits), moved to the front in order; the other lanes: garbage.
+__attribute__((target("avx2"))) inline __m256i compress_epi32_avx2(__m256i v, unsigned mask) {
+  const __m256i permutation =
+      _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(kCompressTable.lanes[mask])));
+  return _mm256_permutevar8x32_epi32(v, permutation);
+}
+
+// The same for 8 lanes of 16 bits: the table's lane numbers b become byte shuffles (2 b, 2 b + 1).
+__attribute__((target("avx2"))) inline __m128i compress_epi16_avx2(__m128i v, unsigned mask) {
+  const __m128i lanes = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(static_cast<long long>(kCompressTable.lanes[mask])));
+  const __m128i shuffle = _mm_add_epi16(_mm_mullo_epi16(lanes, _mm_set1_epi16(0x0202)), _mm_set1_epi16(0x0100));
+  return _mm_shuffle_epi8(v, shuffle);
+}
+
+__attribute__((target("avx2"))) inline __m256i load_epi32_avx2(const void* p) {
+  return _mm256_loadu_si256(static_cast<const __m256i*>(p));
+}
+__attribute__((target("avx2"))) inline void store_epi32_avx2(void* p, __m256i v) {
+  _mm256_storeu_si256(static_cast<__m256i*>(p), v);
+}
+// The lanes of a compare result as 8 bits.
+__attribute__((target("avx2"))) inline unsigned lane_mask_avx2(__m256i compared) {
+  return static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(compared)));
+}
+// The keys of 8 float32 values given as bits: min(|x| bits, NaN key).
+__attribute__((target("avx2"))) inline __m256i float32_keys_avx2(__m256i bits) {
+  return _mm256_min_epu32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7FFFFFFF)),
+                          _mm256_set1_epi32(static_cast<int>(format::kNanKeyFloat32)));
+}
+// A key bound for signed compares: keys never exceed the NaN key, so larger bounds act alike.
+inline int32_t signed_key_bound(uint32_t key) { return static_cast<int32_t>(std::min<uint32_t>(key, 0x7FFFFFFFu)); }
+
+// append_candidates_avx512 for AVX2: a kept word from eight compares of 8 lanes, then the
+// candidates appended by table compress (or, kSparse, one by one over the word's set bits).
+template <bool kSparse, bool kPositions>
+__attribute__((target("avx2,popcnt,bmi,bmi2"))) int64_t append_candidates_avx2(
+    const float* x, int64_t length, uint32_t low, float* values, uint64_t* words, uint16_t* positions) {
+  const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
+  // |x| bits >= low  <=>  |x| bits > low - 1 (signed; low == 0 gives -1, so every lane).
+  const __m256i below = _mm256_set1_epi32(static_cast<int32_t>(low - 1u));
+  const __m128i lane_numbers = _mm_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t n_kept = 0;
+  for (int64_t w = 0; w + kWordElements <= length; w += kWordElements) {
+    __m256i bits[8];
+    unsigned kept[8];
+    uint64_t word = 0;
+    for (int q = 0; q < 8; ++q) {
+      bits[q] = load_epi32_avx2(x + w + 8 * q);
+      kept[q] = lane_mask_avx2(_mm256_cmpgt_epi32(_mm256_and_si256(bits[q], abs_mask), below));
+      word |= static_cast<uint64_t>(kept[q]) << (8 * q);
+    }
+    words[w / kWordElements] = word;
+    if constexpr (kSparse) {
+      for (uint64_t rest = word; rest != 0; rest &= rest - 1u) {
+        const int bit = __builtin_ctzll(rest);
+        values[n_kept] = x[w + bit];
+        if constexpr (kPositions) positions[n_kept] = static_cast<uint16_t>(w + bit);
+        ++n_kept;
+      }
+    } else {
+      // Where each vector's candidates go, counted from the word (independent of each other,
+      // unlike a running count, so the eight stores need not wait for one another).
+      // The eight compressed vectors are formed before any is stored: in a profile with each
+      // table load after the previous store, the time gathered at those loads.
+      __m256i packed[8];
+      for (int q = 0; q < 8; ++q) packed[q] = compress_epi32_avx2(bits[q], kept[q]);
+      for (int q = 0; q < 8; ++q) {
+        const int64_t at = n_kept + static_cast<int64_t>(_mm_popcnt_u64(_bzhi_u64(word, static_cast<unsigned>(8 * q))));
+        store_epi32_avx2(values + at, packed[q]);
+        if constexpr (kPositions) {
+          const __m128i places = _mm_add_epi16(lane_numbers, _mm_set1_epi16(static_cast<short>(w + 8 * q)));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(positions + at), compress_epi16_avx2(places, kept[q]));
+        }
+      }
+      n_kept += _mm_popcnt_u64(word);
+    }
+  }
+  return n_kept;
+}
+
+// scan_chunk_avx512 for AVX2.
+__attribute__((target("avx2,popcnt,bmi,bmi2"))) void scan_chunk_avx2(const float* x, int64_t length,
+                                                                    const PackLayerPlan<uint32_t>& plan,
+                                                                    ScanLists<float, uint32_t>& lists) {
+  float* values = lists.values;
+  uint16_t* positions = lists.positions;
+  int64_t n_kept = 0;
+  if (plan.sparse) {
+    n_kept = positions != nullptr ? append_candidates_avx2<true, true>(x, length, plan.low, values, lists.words, positions)
+                                  : append_candidates_avx2<true, false>(x, length, plan.low, values, lists.words, nullptr);
+  } else {
+    n_kept = positions != nullptr ? append_candidates_avx2<false, true>(x, length, plan.low, values, lists.words, positions)
+                                  : append_candidates_avx2<false, false>(x, length, plan.low, values, lists.words, nullptr);
+  }
+  const int64_t w = length / kWordElements * kWordElements;
+  // The bracket keys among the candidates (still in cache); the others lie above `high`.
+  const __m256i high_v = _mm256_set1_epi32(signed_key_bound(plan.high));
+  uint32_t* keys = lists.keys;
+  int64_t n_bracket = 0, j = 0;
+  for (; j + 16 <= n_kept; j += 16) {  // two vectors per step: independent work to overlap
+    const __m256i first = float32_keys_avx2(load_epi32_avx2(values + j));
+    const __m256i second = float32_keys_avx2(load_epi32_avx2(values + j + 8));
+    const unsigned in_first = ~lane_mask_avx2(_mm256_cmpgt_epi32(first, high_v)) & 0xFFu;
+    const unsigned in_second = ~lane_mask_avx2(_mm256_cmpgt_epi32(second, high_v)) & 0xFFu;
+    store_epi32_avx2(keys + n_bracket, compress_epi32_avx2(first, in_first));
+    n_bracket += _mm_popcnt_u32(in_first);
+    store_epi32_avx2(keys + n_bracket, compress_epi32_avx2(second, in_second));
+    n_bracket += _mm_popcnt_u32(in_second);
+  }
+  for (; j < n_kept; ++j) {
+    const uint32_t key = format::magnitude_key(values[j]);
+    keys[n_bracket] = key;
+    n_bracket += key <= plan.high;
+  }
+  lists.n_kept = n_kept;
+  lists.n_bracket = n_bracket;
+  lists.n_above_high = n_kept - n_bracket;
+  scan_range_portable(x, w, length, plan, lists);
+}
+
+// collect_range_avx512 for AVX2 (out: room for the count + 16).
+__attribute__((target("avx2,popcnt"))) int64_t collect_range_avx2(const uint32_t* keys, int64_t n, uint32_t bin_low,
+                                                                  uint32_t bin_high, uint32_t* out) {
+  const __m256i below = _mm256_set1_epi32(static_cast<int32_t>(bin_low - 1u));  // bin_low <= NaN key
+  const __m256i high_v = _mm256_set1_epi32(signed_key_bound(bin_high));
+  int64_t count = 0, i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i key = load_epi32_avx2(keys + i);
+    const unsigned in_bin =
+        lane_mask_avx2(_mm256_cmpgt_epi32(key, below)) & ~lane_mask_avx2(_mm256_cmpgt_epi32(key, high_v)) & 0xFFu;
+    store_epi32_avx2(out + count, compress_epi32_avx2(key, in_bin));
+    count += _mm_popcnt_u32(in_bin);
+  }
+  for (; i < n; ++i) {
+    out[count] = keys[i];
+    count += (keys[i] >= bin_low) & (keys[i] <= bin_high);
+  }
+  return count;
+}
+
+// The taken candidates `t` (16 bits) of a group of 16 as element indices chunk_begin + place,
+// stored to selected[0, popcount(t) + 8) (entries past the count are garbage).
+__attribute__((target("avx2,popcnt"))) inline void store_taken_indices_avx2(const uint16_t* places, unsigned t,
+                                                                            int64_t chunk_begin, int64_t* selected) {
+  const __m256i base = _mm256_set1_epi64x(chunk_begin);
+  const unsigned halves[2] = {t & 0xFFu, t >> 8};
+  int64_t at = 0;
+  for (int h = 0; h < 2; ++h) {
+    const __m128i eight = _mm_loadu_si128(reinterpret_cast<const __m128i*>(places + 8 * h));
+    const __m256i picked = compress_epi32_avx2(_mm256_cvtepu16_epi32(eight), halves[h]);
+    store_epi32_avx2(selected + at, _mm256_add_epi64(_mm256_cvtepu32_epi64(_mm256_castsi256_si128(picked)), base));
+    store_epi32_avx2(selected + at + 4,
+                     _mm256_add_epi64(_mm256_cvtepu32_epi64(_mm256_extracti128_si256(picked, 1)), base));
+    at += _mm_popcnt_u32(halves[h]);
   }
 }
 
-bool cpu_has_avx512() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2") &&
-         __builtin_cpu_supports("bmi2");
+// The first ties_left set bits of `equal`, added to t (in index order); ties_left counts down.
+inline unsigned take_first_ties(unsigned t, unsigned equal, int64_t& ties_left) {
+  for (; equal != 0 && ties_left > 0; equal &= equal - 1u, --ties_left) t |= equal & (~equal + 1u);
+  return t;
+}
+
+// take_candidates_avx512 for AVX2: groups of 16 candidates (two vectors), so that the taken
+// stream has the same layout and write_bitmap_from_taken serves both levels. Groups whose
+// full-vector stores stay inside the chunk's entries run vector code; the last few run scalar
+// code with exact stores (the entries after end_position belong to another chunk and thread).
+template <bool kSelected>
+__attribute__((target("avx2,popcnt,bmi,bmi2"))) void take_candidates_avx2(
+    const float* candidates, const uint16_t* places, int64_t n_kept, int64_t chunk_begin, uint32_t kth,
+    int64_t position, int64_t end_position, int64_t ties_left, float* out, uint16_t* taken, int64_t* selected) {
+  const __m256i kth_v = _mm256_set1_epi32(signed_key_bound(kth));
+  const int64_t n_groups = ceil_div(n_kept, 16);
+  int64_t g = 0;
+  for (; 16 * g + 16 <= n_kept && position + 16 <= end_position; ++g) {
+    const __m256i first = load_epi32_avx2(candidates + 16 * g);
+    const __m256i second = load_epi32_avx2(candidates + 16 * g + 8);
+    const __m256i first_key = float32_keys_avx2(first), second_key = float32_keys_avx2(second);
+    unsigned t = lane_mask_avx2(_mm256_cmpgt_epi32(first_key, kth_v)) |
+                 (lane_mask_avx2(_mm256_cmpgt_epi32(second_key, kth_v)) << 8);
+    if (ties_left > 0) {
+      const unsigned equal = lane_mask_avx2(_mm256_cmpeq_epi32(first_key, kth_v)) |
+                             (lane_mask_avx2(_mm256_cmpeq_epi32(second_key, kth_v)) << 8);
+      t = take_first_ties(t, equal, ties_left);
+    }
+    const unsigned low_half = t & 0xFFu;
+    store_epi32_avx2(out + position, compress_epi32_avx2(first, low_half));
+    store_epi32_avx2(out + position + _mm_popcnt_u32(low_half), compress_epi32_avx2(second, t >> 8));
+    if constexpr (kSelected) {
+      store_taken_indices_avx2(places + 16 * g, t, chunk_begin, selected + position);
+    } else {
+      taken[g] = static_cast<uint16_t>(t);
+    }
+    position += _mm_popcnt_u32(t);
+  }
+  for (; g < n_groups; ++g) {
+    const int64_t j = 16 * g;
+    const int rest = static_cast<int>(std::min<int64_t>(16, n_kept - j));
+    unsigned t = 0, equal = 0;
+    for (int i = 0; i < rest; ++i) {
+      const uint32_t key = format::magnitude_key(candidates[j + i]);
+      t |= static_cast<unsigned>(key > kth) << i;
+      equal |= static_cast<unsigned>(key == kth) << i;
+    }
+    if (ties_left > 0) t = take_first_ties(t, equal, ties_left);
+    for (unsigned left = t; left != 0; left &= left - 1u) {
+      const int i = __builtin_ctz(left);
+      out[position] = candidates[j + i];
+      if constexpr (kSelected) selected[position] = chunk_begin + places[j + i];
+      ++position;
+    }
+    if constexpr (!kSelected) taken[g] = static_cast<uint16_t>(t);
+  }
+}
+
+// emit_chunk_avx512 for AVX2.
+__attribute__((target("avx2,popcnt,bmi,bmi2"))) void emit_chunk_avx2(
+    const float* candidates, const uint16_t* places, int64_t n_kept, const uint64_t* words, int64_t chunk_begin,
+    int64_t length, uint32_t kth, int64_t position, int64_t end_position, int64_t ties_left, uint8_t* values,
+    uint8_t* bitmap, int64_t* selected) {
+  float* out = reinterpret_cast<float*>(values);
+  if (bitmap == nullptr) {
+    return take_candidates_avx2<true>(candidates, places, n_kept, chunk_begin, kth, position, end_position, ties_left,
+                                      out, nullptr, selected);
+  }
+  const int64_t n_groups = ceil_div(n_kept, 16);
+  uint16_t* taken = thread_arena<uint16_t, kTakenList>().room(n_groups + 8);
+  take_candidates_avx2<false>(candidates, places, n_kept, chunk_begin, kth, position, end_position, ties_left, out,
+                              taken, nullptr);
+  write_bitmap_from_taken(taken, n_groups, words, chunk_begin, length, bitmap);
+}
+
+// histogram_keys_avx512 for AVX2: 32 keys per step, their bins packed into the bytes of one
+// vector (in a shuffled order, which counting ignores), then one compare per bin.
+__attribute__((target("avx2,popcnt"))) void histogram_keys_avx2(const uint32_t* keys, int64_t n, uint32_t low,
+                                                                int shift, uint32_t* counts) {
+  const __m256i low_v = _mm256_set1_epi32(static_cast<int>(low));
+  const __m256i last_bin = _mm256_set1_epi32(kHistogramBins - 1);
+  const __m128i shift_v = _mm_cvtsi32_si128(shift);
+  uint64_t totals[kHistogramBins] = {};
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    __m256i bins[4];
+    for (int q = 0; q < 4; ++q) {
+      const __m256i offset = _mm256_sub_epi32(load_epi32_avx2(keys + j + 8 * q), low_v);
+      bins[q] = _mm256_min_epu32(_mm256_srl_epi32(offset, shift_v), last_bin);
+    }
+    const __m256i packed =
+        _mm256_packus_epi16(_mm256_packus_epi32(bins[0], bins[1]), _mm256_packus_epi32(bins[2], bins[3]));
+    for (int b = 0; b < kHistogramBins; ++b) {
+      totals[b] += _mm_popcnt_u32(static_cast<unsigned>(
+          _mm256_movemask_epi8(_mm256_cmpeq_epi8(packed, _mm256_set1_epi8(static_cast<char>(b))))));
+    }
+  }
+  for (; j < n; ++j) ++totals[histogram_bin(keys[j], low, shift)];
+  for (int b = 0; b < kHistogramBins; ++b) counts[b] = static_cast<uint32_t>(totals[b]);
 }
 #endif
 
@@ -591,7 +985,7 @@ void histogram_bins(const Key* keys, int64_t n, Key low, int shift, uint8_t* bin
   for (int64_t i = 0; i < n; ++i) bins[i] = static_cast<uint8_t>(histogram_bin(keys[i], low, shift));
 }
 
-#ifdef GCOMP_AVX512_PACK
+#ifdef GCOMP_X86_SIMD
 // histogram_keys for 32-bit keys, 64 per step: their bins packed into the bytes of one vector,
 // then one compare per bin, whose mask bits are counted.
 __attribute__((target("avx512f,avx512bw,popcnt"))) void histogram_keys_avx512(const uint32_t* keys, int64_t n,
@@ -622,16 +1016,17 @@ __attribute__((target("avx512f,avx512bw,popcnt"))) void histogram_keys_avx512(co
 #endif
 
 // counts[b] = number of keys[0, n) in histogram bin b. Long lists get their bins computed a
-// block at a time (vectorised), then counted into four interleaved histograms; with use_simd
-// (32-bit keys) a vector loop counts them.
+// block at a time (vectorised), then counted into four interleaved histograms; at the SIMD
+// levels (32-bit keys) a vector loop counts them.
 template <class Key>
-void histogram_keys(const Key* keys, int64_t n, Key low, int shift, uint32_t* counts, bool use_simd) {
-#ifdef GCOMP_AVX512_PACK
+void histogram_keys(const Key* keys, int64_t n, Key low, int shift, uint32_t* counts, SimdLevel level) {
+#ifdef GCOMP_X86_SIMD
   if constexpr (std::is_same_v<Key, uint32_t>) {
-    if (use_simd) return histogram_keys_avx512(keys, n, low, shift, counts);
+    if (level == SimdLevel::kAvx512) return histogram_keys_avx512(keys, n, low, shift, counts);
+    if (level == SimdLevel::kAvx2) return histogram_keys_avx2(keys, n, low, shift, counts);
   }
 #endif
-  (void)use_simd;
+  (void)level;
   std::fill(counts, counts + kHistogramBins, 0u);
   if (n < 4 * kHistogramBins) {
     for (int64_t j = 0; j < n; ++j) ++counts[histogram_bin(keys[j], low, shift)];
@@ -657,7 +1052,7 @@ void histogram_keys(const Key* keys, int64_t n, Key low, int shift, uint32_t* co
 // Step 2 for one chunk: fills the chunk's candidate, bracket key and kept word lists in the calling
 // thread's arenas, and histograms the bracket keys.
 template <class In, class Key>
-void scan_chunk(const In* layer, const PackLayerPlan<Key>& plan, PackChunk<Key>& chunk, bool use_simd) {
+void scan_chunk(const In* layer, const PackLayerPlan<Key>& plan, PackChunk<Key>& chunk, SimdLevel level) {
   Arena<In>& value_arena = thread_arena<In, kValueList>();
   Arena<Key>& key_arena = thread_arena<Key, kKeyList>();
   Arena<uint64_t>& word_arena = thread_arena<uint64_t, kWordList>();
@@ -668,10 +1063,12 @@ void scan_chunk(const In* layer, const PackLayerPlan<Key>& plan, PackChunk<Key>&
                            word_arena.room(n_words),
                            plan.positions ? position_arena.room(length + kListSlack) : nullptr};
   const In* x = layer + chunk.begin;
-#ifdef GCOMP_AVX512_PACK
+#ifdef GCOMP_X86_SIMD
   if constexpr (std::is_same_v<In, float>) {
-    if (use_simd) {
+    if (level == SimdLevel::kAvx512) {
       scan_chunk_avx512(x, length, plan, lists);
+    } else if (level == SimdLevel::kAvx2) {
+      scan_chunk_avx2(x, length, plan, lists);
     } else {
       scan_range_portable(x, 0, length, plan, lists);
     }
@@ -679,7 +1076,6 @@ void scan_chunk(const In* layer, const PackLayerPlan<Key>& plan, PackChunk<Key>&
     scan_range_portable(x, 0, length, plan, lists);
   }
 #else
-  (void)use_simd;
   scan_range_portable(x, 0, length, plan, lists);
 #endif
   chunk.owner = omp_get_thread_num();
@@ -694,7 +1090,7 @@ void scan_chunk(const In* layer, const PackLayerPlan<Key>& plan, PackChunk<Key>&
   key_arena.used += lists.n_bracket;
   word_arena.used += n_words;
   if (plan.positions) position_arena.used += lists.n_kept;
-  histogram_keys(lists.keys, lists.n_bracket, plan.low, histogram_shift(plan), chunk.histogram, use_simd);
+  histogram_keys(lists.keys, lists.n_bracket, plan.low, histogram_shift(plan), chunk.histogram, level);
 }
 
 // The bin of the summed histograms that holds the need-th largest bracket key.
@@ -717,7 +1113,7 @@ void choose_bin(PackLayerPlan<Key>& plan, const PackChunk<Key>* chunks) {
 // A chunk's bracket keys in the chosen bin (sorted by part), and how many lie in the bins above it.
 template <class In, class Key>
 void collect_bin(const PackLayerPlan<Key>& plan, const ListBases<In, Key>& bases, PackChunk<Key>& chunk,
-                 bool use_simd) {
+                 SimdLevel level) {
   chunk.bin_key.clear();
   chunk.above_bin = 0;
   std::fill(chunk.part_start, chunk.part_start + kBinParts + 1, int64_t(0));
@@ -733,9 +1129,13 @@ void collect_bin(const PackLayerPlan<Key>& plan, const ListBases<In, Key>& bases
   static thread_local std::vector<Key> gathered;
   gathered.resize(chunk.histogram[plan.bin] + 16);
   int64_t count = 0;
-#ifdef GCOMP_AVX512_PACK
+#ifdef GCOMP_X86_SIMD
   if constexpr (std::is_same_v<Key, uint32_t>) {
-    if (use_simd) count = collect_range_avx512(keys, chunk.n_bracket, bin_low, bin_high, gathered.data());
+    if (level == SimdLevel::kAvx512) {
+      count = collect_range_avx512(keys, chunk.n_bracket, bin_low, bin_high, gathered.data());
+    } else if (level == SimdLevel::kAvx2) {
+      count = collect_range_avx2(keys, chunk.n_bracket, bin_low, bin_high, gathered.data());
+    }
   }
 #endif
   if (count == 0) {
@@ -744,7 +1144,7 @@ void collect_bin(const PackLayerPlan<Key>& plan, const ListBases<In, Key>& bases
       count += (keys[j] >= bin_low) & (keys[j] <= bin_high);
     }
   }
-  (void)use_simd;
+  (void)level;
   int64_t sizes[kBinParts] = {};
   for (int64_t j = 0; j < count; ++j) ++sizes[bin_part(gathered[j], bin_low, plan.shift)];
   for (int p = 0; p < kBinParts; ++p) chunk.part_start[p + 1] = chunk.part_start[p] + sizes[p];
@@ -831,9 +1231,13 @@ void settle_layer(PackLayerPlan<Key>& plan, PackChunk<Key>* chunks) {
 }
 
 // Step 4, portable: walks a chunk's kept words and candidates in index order.
+// No branch depends on whether a candidate is taken (taken or not is data, as unpredictable as
+// the input): each candidate is stored at the next free entry, which only advances when it is
+// taken, so a skipped candidate's store is overwritten by the next taken one. The store is held
+// back only at end_position, whose entry belongs to the next chunk (and perhaps another thread).
 template <class In, class Key>
 void emit_chunk_portable(const In* candidates, const uint64_t* words, int64_t chunk_begin, int64_t length,
-                         Key kth, int64_t position, int64_t ties_left, FloatKind value_kind,
+                         Key kth, int64_t position, int64_t end_position, int64_t ties_left, FloatKind value_kind,
                          uint8_t* values, uint8_t* bitmap, int64_t* selected) {
   const int64_t value_size = format::float_kind_size(value_kind);
   for (int64_t first = 0; first < length; first += kWordElements) {
@@ -841,11 +1245,15 @@ void emit_chunk_portable(const In* candidates, const uint64_t* words, int64_t ch
     for (uint64_t rest = words[first / kWordElements]; rest != 0; rest &= rest - 1u, ++candidates) {
       const In value = *candidates;
       const Key key = format::magnitude_key(value);
-      if (key < kth || (key == kth && ties_left-- <= 0)) continue;
-      format::store_value(values + position * value_size, value_kind, value);
-      if (selected != nullptr) selected[position] = chunk_begin + first + format::lowest_set_bit(rest);
-      ++position;
-      take |= rest & (~rest + 1u);
+      const bool tie = (key == kth) & (ties_left > 0);
+      const bool taken = (key > kth) | tie;
+      ties_left -= tie;
+      if (position < end_position) {
+        format::store_value(values + position * value_size, value_kind, value);
+        if (selected != nullptr) selected[position] = chunk_begin + first + format::lowest_set_bit(rest);
+      }
+      position += taken;
+      take |= (rest & (~rest + 1u)) & (uint64_t(0) - static_cast<uint64_t>(taken));
     }
     if (bitmap != nullptr) {
       uint8_t* bytes = bitmap + (chunk_begin + first) / 8;  // chunk_begin and first: multiples of 64
@@ -860,27 +1268,29 @@ void emit_chunk_portable(const In* candidates, const uint64_t* words, int64_t ch
 template <class In, class Key>
 void emit_chunk(const PackChunk<Key>& chunk, const PackLayerPlan<Key>& plan, const ListBases<In, Key>& bases,
                 const LayerSection& section, FloatKind value_kind, uint8_t* message, int64_t* selected,
-                bool use_simd) {
+                SimdLevel level) {
   uint8_t* values = message + section.value_offset;
   uint8_t* bitmap = section.bitmap ? message + section.index_offset : nullptr;
   int64_t* layer_selected = section.bitmap ? nullptr : selected;
   const In* candidates = bases.values[chunk.owner] + chunk.value_at;
   const uint64_t* words = bases.words[chunk.owner] + chunk.word_at;
   const int64_t length = chunk.end - chunk.begin;
-#ifdef GCOMP_AVX512_PACK
+#ifdef GCOMP_X86_SIMD
   if constexpr (std::is_same_v<In, float>) {
-    if (use_simd && value_kind == FloatKind::kFloat32) {
+    if (level != SimdLevel::kPortable && value_kind == FloatKind::kFloat32) {
       const uint16_t* places = plan.positions ? bases.positions[chunk.owner] + chunk.position_at : nullptr;
       if (bitmap != nullptr || places != nullptr) {
-        return emit_chunk_avx512(candidates, places, chunk.n_kept, words, chunk.begin, length, plan.kth,
-                                 chunk.out_base, chunk.out_base + chunk.n_above + chunk.take_equal,
-                                 chunk.take_equal, values, bitmap, layer_selected);
+        auto emit = level == SimdLevel::kAvx512 ? emit_chunk_avx512 : emit_chunk_avx2;
+        return emit(candidates, places, chunk.n_kept, words, chunk.begin, length, plan.kth, chunk.out_base,
+                    chunk.out_base + chunk.n_above + chunk.take_equal, chunk.take_equal, values, bitmap,
+                    layer_selected);
       }
     }
   }
 #endif
-  (void)use_simd;
-  emit_chunk_portable(candidates, words, chunk.begin, length, plan.kth, chunk.out_base, chunk.take_equal,
+  (void)level;
+  emit_chunk_portable(candidates, words, chunk.begin, length, plan.kth, chunk.out_base,
+                      chunk.out_base + chunk.n_above + chunk.take_equal, chunk.take_equal,
                       value_kind, values, bitmap, layer_selected);
 }
 
@@ -969,20 +1379,12 @@ void finish_unit(const FinishUnit& unit, const BucketLayout& layout, const int64
 }
 
 template <class In>
-void topk_pack_kernel(const In* buffer, const BucketLayout& layout, uint8_t* message) {
+void topk_pack_kernel(const In* buffer, const BucketLayout& layout, uint8_t* message, SimdLevel level) {
   using Key = typename format::KeyOf<In>::type;
   const int64_t n_layers = layout.n_layers();
   int64_t work = 0;
   for (const int64_t numel : layout.numels) work += numel;
   const int threads = thread_count(work);
-#ifdef GCOMP_AVX512_PACK
-  // GCOMP_DISABLE_SIMD=1 selects the portable path (so tests can check it on AVX-512 machines).
-  const char* disable_simd = std::getenv("GCOMP_DISABLE_SIMD");
-  const bool use_simd =
-      cpu_has_avx512() && (disable_simd == nullptr || std::string(disable_simd) != "1");
-#else
-  const bool use_simd = false;
-#endif
 
   std::vector<PackLayerPlan<Key>> plans(n_layers);
   int64_t n_chunks = 0;
@@ -990,7 +1392,7 @@ void topk_pack_kernel(const In* buffer, const BucketLayout& layout, uint8_t* mes
     plans[l].first_chunk = n_chunks;
     plans[l].n_chunks = ceil_div(layout.numels[l], kChunkElements);
     n_chunks += plans[l].n_chunks;
-    plans[l].positions = use_simd && std::is_same_v<In, float> && layout.value_kind == FloatKind::kFloat32 &&
+    plans[l].positions = level != SimdLevel::kPortable && std::is_same_v<In, float> && layout.value_kind == FloatKind::kFloat32 &&
                          !layout.sections[l].bitmap;
   }
   std::vector<PackChunk<Key>> chunks(static_cast<size_t>(n_chunks));
@@ -1031,7 +1433,7 @@ void topk_pack_kernel(const In* buffer, const BucketLayout& layout, uint8_t* mes
     const int64_t my_end_chunk = first_chunk_of(thread + 1);
     for (int64_t c = my_first_chunk; c < my_end_chunk; ++c) {
       const int64_t l = chunks[c].layer;
-      scan_chunk(layer_data(l), plans[l], chunks[c], use_simd);
+      scan_chunk(layer_data(l), plans[l], chunks[c], level);
     }
     publish_lists(bases);
 #pragma omp barrier
@@ -1066,7 +1468,7 @@ void topk_pack_kernel(const In* buffer, const BucketLayout& layout, uint8_t* mes
       for (int64_t c = 0; c < n_chunks; ++c) {
         if (!redo[c]) continue;
         const int64_t l = chunks[c].layer;
-        scan_chunk(layer_data(l), plans[l], chunks[c], use_simd);
+        scan_chunk(layer_data(l), plans[l], chunks[c], level);
       }
       publish_lists(bases);
 #pragma omp for schedule(dynamic, 1)
@@ -1075,13 +1477,13 @@ void topk_pack_kernel(const In* buffer, const BucketLayout& layout, uint8_t* mes
       }
     }
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t c = 0; c < n_chunks; ++c) collect_bin(plans[chunks[c].layer], bases, chunks[c], use_simd);
+    for (int64_t c = 0; c < n_chunks; ++c) collect_bin(plans[chunks[c].layer], bases, chunks[c], level);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t l = 0; l < n_layers; ++l) settle_layer(plans[l], chunks.data());
     for (int64_t c = my_first_chunk; c < my_end_chunk; ++c) {
       const int64_t l = chunks[c].layer;
       emit_chunk(chunks[c], plans[l], bases, layout.sections[l], layout.value_kind, message,
-                 selected + layout.entry_base[l], use_simd);
+                 selected + layout.entry_base[l], level);
     }
 #pragma omp barrier
     // Each unit is packed by the thread that wrote (most of) its indices: the one whose run of
@@ -1124,18 +1526,19 @@ at::Tensor topk_pack_cpu(const at::Tensor& buffer, c10::IntArrayRef offsets,
   at::Tensor message = at::empty({layout.message_bytes}, buffer.options().dtype(at::kByte));
   uint8_t* out = message.data_ptr<uint8_t>();
   const void* data = buffer.const_data_ptr();
+  const SimdLevel level = active_simd_level();
   switch (buffer.scalar_type()) {
     case at::kFloat:
-      topk_pack_kernel(static_cast<const float*>(data), layout, out);
+      topk_pack_kernel(static_cast<const float*>(data), layout, out, level);
       break;
     case at::kDouble:
-      topk_pack_kernel(static_cast<const double*>(data), layout, out);
+      topk_pack_kernel(static_cast<const double*>(data), layout, out, level);
       break;
     case at::kHalf:
-      topk_pack_kernel(static_cast<const Half16*>(data), layout, out);
+      topk_pack_kernel(static_cast<const Half16*>(data), layout, out, level);
       break;
     default:
-      topk_pack_kernel(static_cast<const BFloat16Bits*>(data), layout, out);
+      topk_pack_kernel(static_cast<const BFloat16Bits*>(data), layout, out, level);
       break;
   }
   return message;
@@ -1177,9 +1580,13 @@ struct ValidatedMessages {
   const uint8_t* message(int64_t m, int64_t message_bytes) const { return bytes + m * message_bytes; }
 };
 
-// Elements a decode or unpack touches: every entry, plus a scan of every bitmap.
+// Work of a decode or unpack, in thread_count's units (elements a pack scans): every entry, plus
+// a scan of every bitmap. An entry costs about as much as kEntryWork scanned elements (a decoded
+// index and a read-modify-write of a cold cache line against a compare per element), so an unpack
+// of a few ten thousand entries already gets a second thread.
+constexpr int64_t kEntryWork = 8;
 int64_t decode_work(const BucketLayout& layout, int64_t n_messages) {
-  int64_t per_message = layout.total_entries();
+  int64_t per_message = kEntryWork * layout.total_entries();
   for (int64_t l = 0; l < layout.n_layers(); ++l) {
     if (layout.sections[l].bitmap) per_message += layout.numels[l] / 8;
   }
@@ -1378,9 +1785,146 @@ void visit_span(const ValidatedMessages& validated, const BucketLayout& layout, 
 // sparse_unpack_add_
 // ---------------------------------------------------------------------------------------------
 
+#ifdef GCOMP_X86_SIMD
+// Adding a bitmap layer's float32 entries into float32 output: for a run of output elements the
+// entries of every message are expanded to their element positions, multiplied by the scale and
+// added in registers, message 0, 1, 2, ... in turn, and the run is stored once. Lane by lane these
+// are the IEEE operations of format::accumulate_scaled (a multiply rounded to float, then an add;
+// no FMA), in the same message order, so the sums are bitwise identical; lanes a message has no
+// entry for are left alone (masked adds and blends). accumulate_scaled turns every NaN sum into
+// the canonical quiet NaN; here that happens once, after the last message, on the lanes any
+// message added to: a NaN stays NaN through later adds, so the result is the same, and each add
+// depends on the previous one through its latency only.
+// A dense layer thus costs a few vector operations per 8 or 16 elements and message instead of a
+// loop iteration, a mispredicted branch and a load and store of the output per entry.
+constexpr int kMessagesAtOnce = 8;
+
+// One span's elements [begin, end) of one layer (begin a multiple of 64), messages
+// [0, n_messages) (at most kMessagesAtOnce): bitmaps[m] is message m's bitmap of the layer,
+// values[m] its entries from the span's first one on. out: the layer's output at `begin`.
+__attribute__((target("avx512f,avx512bw,avx512vl,popcnt,bmi,bmi2"))) void add_bitmap_span_avx512(
+    float* out, const uint8_t* const* bitmaps, const float* const* values, int n_messages, int64_t begin,
+    int64_t end, float scale) {
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  const __m512 quiet_nan = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000));
+  int64_t consumed[kMessagesAtOnce] = {};
+  for (int64_t w = begin; w < end; w += kWordElements) {
+    const int n_bytes = static_cast<int>(std::min<int64_t>(8, ceil_div(end - w, 8)));
+    uint64_t words[kMessagesAtOnce];
+    uint64_t any = 0;
+    for (int m = 0; m < n_messages; ++m) {
+      words[m] = format::load_bitmap_word(bitmaps[m] + w / 8, n_bytes);
+      any |= words[m];
+    }
+    // The four vectors of the word are independent chains: the adds of one overlap the others'.
+    __m512 acc[4];
+    for (int q = 0; q < 4; ++q) acc[q] = _mm512_maskz_loadu_ps(static_cast<__mmask16>(any >> (16 * q)), out + (w - begin) + 16 * q);
+    for (int m = 0; m < n_messages; ++m) {
+      const uint64_t word = words[m];
+      const float* entries = values[m] + consumed[m];
+      // Where each vector's entries start, counted from the word, not one after the other.
+      const int64_t at[5] = {0, _mm_popcnt_u64(word & 0xFFFFu), _mm_popcnt_u64(word & 0xFFFFFFFFu),
+                             _mm_popcnt_u64(word & 0xFFFFFFFFFFFFull), _mm_popcnt_u64(word)};
+      for (int q = 0; q < 4; ++q) {
+        const __mmask16 mine = static_cast<__mmask16>(word >> (16 * q));
+        // Loaded (masked: nothing past the entries is read), then expanded in registers (the
+        // memory form of the expand is several times slower on Zen 4).
+        const __mmask16 head = static_cast<__mmask16>(_bzhi_u32(0xFFFFu, static_cast<unsigned>(at[q + 1] - at[q])));
+        const __m512 packed = _mm512_maskz_loadu_ps(head, entries + at[q]);
+        acc[q] = _mm512_mask_add_ps(acc[q], mine, acc[q], _mm512_mul_ps(_mm512_maskz_expand_ps(mine, packed), scale_v));
+      }
+      consumed[m] += at[4];
+    }
+    for (int q = 0; q < 4; ++q) {
+      // Masked stores: lanes without entries (also those past the layer's end) are not touched.
+      const __mmask16 touched = static_cast<__mmask16>(any >> (16 * q));
+      const __mmask16 nan = _mm512_mask_cmp_ps_mask(touched, acc[q], acc[q], _CMP_UNORD_Q);
+      _mm512_mask_storeu_ps(out + (w - begin) + 16 * q, touched, _mm512_mask_mov_ps(acc[q], nan, quiet_nan));
+    }
+  }
+}
+
+// Entry m: for each lane set in m, the number of set lanes below it (the entry it takes), one
+// per byte: the inverse of CompressTable.
+struct ExpandTable {
+  uint64_t lanes[256];
+  constexpr ExpandTable() : lanes{} {
+    for (int m = 0; m < 256; ++m) {
+      uint64_t entry = 0;
+      int taken = 0;
+      for (int lane = 0; lane < 8; ++lane) {
+        if ((m >> lane) & 1) entry |= static_cast<uint64_t>(taken++) << (8 * lane);
+      }
+      lanes[m] = entry;
+    }
+  }
+};
+constexpr ExpandTable kExpandTable{};
+
+// The AVX2 form: 8 lanes, expanded by a table permutation. Entries are loaded as full vectors
+// and the output loaded and stored whole, so a word runs this way only where all its 64 elements
+// lie inside the layer and every message has 8 entries to spare past the word's; other words go
+// entry by entry (message by message, which keeps each element's order).
+__attribute__((target("avx2,popcnt,bmi,bmi2"))) void add_bitmap_span_avx2(float* out, const uint8_t* const* bitmaps,
+                                                                 const float* const* values,
+                                                                 const int64_t* n_values, int n_messages,
+                                                                 int64_t begin, int64_t end, float scale) {
+  const __m256 scale_v = _mm256_set1_ps(scale);
+  const __m256 quiet_nan = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000));
+  const __m256i lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  int64_t consumed[kMessagesAtOnce] = {};
+  for (int64_t w = begin; w < end; w += kWordElements) {
+    const int n_bytes = static_cast<int>(std::min<int64_t>(8, ceil_div(end - w, 8)));
+    uint64_t words[kMessagesAtOnce];
+    bool vector = end - w >= kWordElements;
+    for (int m = 0; m < n_messages; ++m) {
+      words[m] = format::load_bitmap_word(bitmaps[m] + w / 8, n_bytes);
+      vector = vector && n_values[m] - consumed[m] >= kWordElements + 8;
+    }
+    float* o = out + (w - begin);
+    if (!vector) {
+      for (int m = 0; m < n_messages; ++m) {
+        for (uint64_t rest = words[m]; rest != 0; rest &= rest - 1u) {
+          format::accumulate_scaled(o + format::lowest_set_bit(rest), values[m][consumed[m]++], scale);
+        }
+      }
+      continue;
+    }
+    __m256 acc[8];
+    for (int q = 0; q < 8; ++q) acc[q] = _mm256_loadu_ps(o + 8 * q);
+    uint64_t any = 0;
+    for (int m = 0; m < n_messages; ++m) {
+      const uint64_t word = words[m];
+      any |= word;
+      const float* entries = values[m] + consumed[m];
+      for (int q = 0; q < 8; ++q) {
+        const unsigned mine = static_cast<unsigned>(word >> (8 * q)) & 0xFFu;
+        // Where the vector's entries start, counted from the word, not one after the other.
+        const int64_t at = _mm_popcnt_u64(_bzhi_u64(word, static_cast<unsigned>(8 * q)));
+        const __m256i permutation =
+            _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(kExpandTable.lanes[mine])));
+        const __m256 expanded = _mm256_permutevar8x32_ps(_mm256_loadu_ps(entries + at), permutation);
+        const __m256 selected = _mm256_castsi256_ps(
+            _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(mine)), lane_bits), lane_bits));
+        acc[q] = _mm256_blendv_ps(acc[q], _mm256_add_ps(acc[q], _mm256_mul_ps(expanded, scale_v)), selected);
+      }
+      consumed[m] += _mm_popcnt_u64(word);
+    }
+    for (int q = 0; q < 8; ++q) {
+      const unsigned touched = static_cast<unsigned>(any >> (8 * q)) & 0xFFu;
+      const __m256 touched_nan = _mm256_and_ps(
+          _mm256_cmp_ps(acc[q], acc[q], _CMP_UNORD_Q),
+          _mm256_castsi256_ps(_mm256_cmpeq_epi32(
+              _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(touched)), lane_bits), lane_bits)));
+      _mm256_storeu_ps(o + 8 * q, _mm256_blendv_ps(acc[q], quiet_nan, touched_nan));
+    }
+  }
+}
+#endif
+
 template <FloatKind kValueKind, class Out, class Scale>
 void add_messages(Out* out, const ValidatedMessages& validated, const BucketLayout& layout,
-                  Scale scale) {
+                  Scale scale, SimdLevel level) {
   const std::vector<ElementSpan> spans = element_spans(layout, validated.ranges);
   const int64_t n_spans = static_cast<int64_t>(spans.size());
   int64_t longest_span = 1;
@@ -1389,15 +1933,41 @@ void add_messages(Out* out, const ValidatedMessages& validated, const BucketLayo
   {
     // The entries of one (span, message): positions relative to the span start. Collected first
     // so the scattered read-modify-writes can be prefetched ahead; at low density nearly every
-    // entry touches its own cold cache line. (Allocated, not cleared: only used pages cost.)
-    const std::unique_ptr<uint32_t[]> positions(new uint32_t[longest_span]);
+    // entry touches its own cold cache line. Per-thread storage kept between calls: a fresh
+    // allocation of this size is an mmap, and its pages fault in again at every call.
+    uint32_t* positions = thread_arena<uint32_t, kUnpackPositionList>().room(longest_span);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < n_spans; ++u) {
       const ElementSpan& span = spans[u];
       Out* span_out = out + layout.offsets[span.layer] + span.begin;
+      const LayerSection& section = layout.sections[span.layer];
       for (int64_t m = 0; m < validated.n_messages; ++m) {  // fixed order: identical sums everywhere
-        const uint8_t* values =
-            validated.message(m, layout.message_bytes) + layout.sections[span.layer].value_offset;
+        const uint8_t* values = validated.message(m, layout.message_bytes) + section.value_offset;
+#ifdef GCOMP_X86_SIMD
+        if constexpr (kValueKind == FloatKind::kFloat32 && std::is_same_v<Out, float>) {
+          if (section.bitmap && level != SimdLevel::kPortable) {
+            if (m % kMessagesAtOnce != 0) continue;  // done with the batch of messages starting at m - m % 8
+            const int batch = static_cast<int>(std::min<int64_t>(kMessagesAtOnce, validated.n_messages - m));
+            const uint8_t* bitmaps[kMessagesAtOnce];
+            const float* entries[kMessagesAtOnce];
+            int64_t n_entries[kMessagesAtOnce];
+            for (int b = 0; b < batch; ++b) {
+              const uint8_t* message = validated.message(m + b, layout.message_bytes);
+              const int64_t first =
+                  validated.first_entry[(m + b) * static_cast<int64_t>(validated.ranges.size()) + span.first_range];
+              bitmaps[b] = message + section.index_offset;
+              entries[b] = reinterpret_cast<const float*>(message + section.value_offset) + first;
+              n_entries[b] = layout.ks[span.layer] - first;
+            }
+            if (level == SimdLevel::kAvx512) {
+              add_bitmap_span_avx512(span_out, bitmaps, entries, batch, span.begin, span.end, scale);
+            } else {
+              add_bitmap_span_avx2(span_out, bitmaps, entries, n_entries, batch, span.begin, span.end, scale);
+            }
+            continue;
+          }
+        }
+#endif
         int64_t first_entry = -1, count = 0;
         visit_span(validated, layout, m, span, [&](int64_t j, int64_t index) {
           if (first_entry < 0) first_entry = j;
@@ -1413,21 +1983,23 @@ void add_messages(Out* out, const ValidatedMessages& validated, const BucketLayo
         }
       }
     }
+    thread_arena<uint32_t, kUnpackPositionList>().trim();
   }
+  (void)level;
 }
 
 template <class Out, class Scale>
 void add_messages_for_value_kind(Out* out, const ValidatedMessages& validated,
-                                 const BucketLayout& layout, Scale scale) {
+                                 const BucketLayout& layout, Scale scale, SimdLevel level) {
   switch (layout.value_kind) {
     case FloatKind::kFloat32:
-      add_messages<FloatKind::kFloat32>(out, validated, layout, scale);
+      add_messages<FloatKind::kFloat32>(out, validated, layout, scale, level);
       break;
     case FloatKind::kFloat16:
-      add_messages<FloatKind::kFloat16>(out, validated, layout, scale);
+      add_messages<FloatKind::kFloat16>(out, validated, layout, scale, level);
       break;
     default:
-      add_messages<FloatKind::kBFloat16>(out, validated, layout, scale);
+      add_messages<FloatKind::kBFloat16>(out, validated, layout, scale, level);
       break;
   }
 }
@@ -1439,6 +2011,7 @@ void sparse_unpack_add_cpu(const at::Tensor& out, const at::Tensor& messages_in,
   check_unpack_out(op, out, messages_in);
   const BucketLayout layout = make_bucket_layout(op, offsets, numels, ks, value_dtype, out.numel());
   check_layers_disjoint(op, layout);
+  const SimdLevel level = active_simd_level();
   const int64_t n_messages = check_messages(op, messages_in, layout);
   if (n_messages == 0 || layout.n_layers() == 0) return;
   const at::Tensor messages = messages_in.contiguous();
@@ -1448,18 +2021,18 @@ void sparse_unpack_add_cpu(const at::Tensor& out, const at::Tensor& messages_in,
   switch (out.scalar_type()) {
     case at::kFloat:
       add_messages_for_value_kind(static_cast<float*>(data), validated, layout,
-                                  static_cast<float>(scale));
+                                  static_cast<float>(scale), level);
       break;
     case at::kDouble:
-      add_messages_for_value_kind(static_cast<double*>(data), validated, layout, scale);
+      add_messages_for_value_kind(static_cast<double*>(data), validated, layout, scale, level);
       break;
     case at::kHalf:
       add_messages_for_value_kind(static_cast<Half16*>(data), validated, layout,
-                                  static_cast<float>(scale));
+                                  static_cast<float>(scale), level);
       break;
     default:
       add_messages_for_value_kind(static_cast<BFloat16Bits*>(data), validated, layout,
-                                  static_cast<float>(scale));
+                                  static_cast<float>(scale), level);
       break;
   }
 }
@@ -1578,5 +2151,18 @@ TORCH_LIBRARY_IMPL(gcomp, Meta, m) {
 }  // namespace gcomp
 
 // Importing gcomp._C loads this library and thereby registers the ops above; the module itself
-// exposes nothing.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {}
+// only reports the SIMD levels.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def(
+      "simd_level", []() { return std::string(gcomp::simd_level_name(gcomp::active_simd_level())); },
+      "The SIMD level the kernels run at now: avx512, avx2 or portable (GCOMP_SIMD if set, else the best this "
+      "CPU supports). Raises ValueError when GCOMP_SIMD names a level this CPU cannot run.");
+  module.def(
+      "supported_simd_levels",
+      []() {
+        std::vector<std::string> names;
+        for (gcomp::SimdLevel level : gcomp::supported_simd_levels()) names.emplace_back(gcomp::simd_level_name(level));
+        return names;
+      },
+      "The SIMD levels this CPU can run, fastest first (each can be forced with GCOMP_SIMD).");
+}

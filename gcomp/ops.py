@@ -104,6 +104,15 @@ def native_available() -> bool:
     return native_enabled() and _native_extension() is not None
 
 
+def simd_level() -> str:
+    """The SIMD level of the native CPU kernels: "avx512", "avx2" or "portable" ("none" when the
+    pure-torch path runs). ``GCOMP_SIMD=avx512|avx2|portable`` forces a level (read at every call);
+    by default the best one this CPU supports runs. All levels give identical bytes."""
+    if not native_available():
+        return "none"
+    return _native_extension().simd_level()
+
+
 def _compiled_kernels_for(device: torch.device) -> bool:
     """Whether ``gcomp._C`` registered kernels for this device type (CUDA only in a CUDAExtension)."""
     key = {"meta": "Meta"}.get(device.type, device.type.upper())

@@ -6,6 +6,7 @@ need the native kernels skip, saying why, when the extension is not built.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from contextlib import contextmanager
@@ -284,33 +285,57 @@ def make_buffer(total: int, kind: str, seed: int, dtype: torch.dtype) -> torch.T
     return x.to(dtype)
 
 
+SIMD_LEVELS = ["avx512", "avx2", "portable"]
+
+
+def supported_simd_levels() -> list[str]:
+    """The levels the native pack can run on this CPU (none without the extension)."""
+    if not ops.native_available():
+        return []
+    import gcomp._C
+
+    return list(gcomp._C.supported_simd_levels())
+
+
+def simd_level_params(levels=SIMD_LEVELS) -> list:
+    """One pytest param per level; levels this CPU (or build) cannot run skip, saying why."""
+    supported = supported_simd_levels()
+    params = []
+    for level in levels:
+        if not ops.native_available():
+            reason = NATIVE_MISSING_REASON
+        else:
+            reason = f"this CPU lacks the instructions of the {level} level (it runs: {', '.join(supported)})"
+        params.append(pytest.param(level, id=level, marks=pytest.mark.skipif(level not in supported, reason=reason)))
+    return params
+
+
 @contextmanager
-def simd_disabled(disabled: bool):
-    """GCOMP_DISABLE_SIMD=1 makes the native pack take its portable path instead of AVX-512."""
-    previous = os.environ.get("GCOMP_DISABLE_SIMD")
-    if disabled:
-        os.environ["GCOMP_DISABLE_SIMD"] = "1"
+def forced_simd(level: str):
+    """GCOMP_SIMD=<level> makes the native kernels take that level's code path."""
+    previous = os.environ.get("GCOMP_SIMD")
+    os.environ["GCOMP_SIMD"] = level
     try:
         yield
     finally:
-        if disabled:
-            if previous is None:
-                del os.environ["GCOMP_DISABLE_SIMD"]
-            else:
-                os.environ["GCOMP_DISABLE_SIMD"] = previous
+        if previous is None:
+            del os.environ["GCOMP_SIMD"]
+        else:
+            os.environ["GCOMP_SIMD"] = previous
 
 
 @requires_native
-@hypothesis_settings(max_examples=150)
+@pytest.mark.parametrize("level", simd_level_params())
+@hypothesis_settings(max_examples=60)
 @given(bucket=buckets(), n_messages=st.integers(1, 3), out_dtype=st.sampled_from(FLOAT_DTYPES),
-       scale=st.sampled_from([1.0, -1.0, 0.5, 1 / 3, 1e-3]), portable=st.booleans())
-def test_native_matches_reference_bitwise(bucket, n_messages, out_dtype, scale, portable):
+       scale=st.sampled_from([1.0, -1.0, 0.5, 1 / 3, 1e-3]))
+def test_native_matches_reference_bitwise(level, bucket, n_messages, out_dtype, scale):
     offsets, numels, ks, total, kind, seed, buffer_dtype, value_dtype = bucket
     native = native_codec()
     messages = []
     for m in range(n_messages):
         buffer = make_buffer(total, kind, seed + m, buffer_dtype)
-        with simd_disabled(portable):
+        with forced_simd(level):
             packed_native = native.topk_pack(buffer, offsets, numels, ks, value_dtype)
         packed_reference = reference.topk_pack(buffer, offsets, numels, ks, value_dtype)
         assert torch.equal(packed_native, packed_reference)
@@ -318,7 +343,8 @@ def test_native_matches_reference_bitwise(bucket, n_messages, out_dtype, scale, 
     stacked = torch.stack(messages)
     out_native = make_buffer(total, "normal", seed ^ 0x5EED, out_dtype)
     out_reference = out_native.clone()
-    native.sparse_unpack_add_(out_native, stacked, offsets, numels, ks, value_dtype, scale)
+    with forced_simd(level):
+        native.sparse_unpack_add_(out_native, stacked, offsets, numels, ks, value_dtype, scale)
     reference.sparse_unpack_add_(out_reference, stacked, offsets, numels, ks, value_dtype, scale)
     assert same_bits(out_native, out_reference)
     for decoded_native, decoded_reference in zip(
@@ -329,13 +355,10 @@ def test_native_matches_reference_bitwise(bucket, n_messages, out_dtype, scale, 
 
 
 @requires_native
-@pytest.mark.parametrize(
-    "numel, threads, portable",
-    [(1 << 17, 1, False), (1 << 17, 1, True), (1 << 18, 2, False)],
-    ids=["simd", "portable", "simd-two-threads"],
-)
+@pytest.mark.parametrize("numel, threads", [(1 << 17, 1), (1 << 18, 2)], ids=["one-thread", "two-threads"])
+@pytest.mark.parametrize("level", simd_level_params())
 @pytest.mark.parametrize("trap", ["sample_sees_small", "sample_sees_large"])
-def test_native_exact_when_the_sample_misleads(trap, numel, threads, portable):
+def test_native_exact_when_the_sample_misleads(trap, level, numel, threads):
     # Large layers are sampled in runs of 16 at a stride that is a multiple of 1024; put the large
     # values only outside (or only inside) those runs so the bracket from the sample is wrong. On
     # two threads the rescan, the threshold and the write-out meet chunks another thread scanned.
@@ -348,11 +371,90 @@ def test_native_exact_when_the_sample_misleads(trap, numel, threads, portable):
         torch.set_num_threads(threads)
         for k in [1, 100, 5000, 60000, numel // 2]:
             for value_dtype in (torch.float32, torch.float16):
-                with simd_disabled(portable):
+                with forced_simd(level):
                     native = torch.ops.gcomp.topk_pack(x, [0], [numel], [k], value_dtype)
                 assert torch.equal(native, reference.topk_pack(x, [0], [numel], [k], value_dtype)), (k, value_dtype)
     finally:
         torch.set_num_threads(before)
+
+
+@requires_native
+@pytest.mark.parametrize("level", simd_level_params())
+def test_native_levels_on_large_float32_layers(level):
+    """The float32 fast paths of every level (sparse and dense candidate scans, bitmap and
+    index-list write-out, ties split across chunks) on layers of several 64K-element chunks."""
+    generator = torch.Generator().manual_seed(7)
+    numels = [70_000, 300_001, 131_072]
+    x = torch.cat([torch.randn(numels[0], generator=generator),
+                   torch.randint(-4, 5, (numels[1],), generator=generator).float(),
+                   torch.randn(numels[2], generator=generator)])
+    offsets = [0, numels[0], numels[0] + numels[1]]
+    for density in (0.001, 0.01, 0.04, 0.1, 0.5):
+        ks = [max(1, round(density * numel)) for numel in numels]
+        for value_dtype in (torch.float32, torch.bfloat16):
+            with forced_simd(level):
+                native = torch.ops.gcomp.topk_pack(x, offsets, numels, ks, value_dtype)
+            assert torch.equal(native, reference.topk_pack(x, offsets, numels, ks, value_dtype)), (density, value_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def dense_bitmap_case():
+    """Messages and the twin's sums for test_native_unpack_levels_on_dense_bitmaps (shared by
+    its levels: the twin's packing is the slow part)."""
+    numels = [70_001, 65_536]
+    offsets = [3, 3 + numels[0]]
+    ks = [21_000, 30_000]
+    total = offsets[1] + numels[1] + 5
+    messages = []
+    for m in range(9):
+        x = make_buffer(total, "nan" if m % 3 == 0 else "wide", 100 + m, torch.float32)
+        x[m * 7 : m * 7 + 3] = float("inf") if m % 2 else -float("inf")
+        messages.append(reference.topk_pack(x, offsets, numels, ks, torch.float32))
+    stacked = torch.stack(messages)
+    out = make_buffer(total, "nan", 5, torch.float32)
+    expected = {}
+    for scale in (1.0, -0.3):
+        expected[scale] = out.clone()
+        reference.sparse_unpack_add_(expected[scale], stacked, offsets, numels, ks, torch.float32, scale)
+    return offsets, numels, ks, stacked, out, expected
+
+
+@requires_native
+@pytest.mark.parametrize("level", simd_level_params())
+def test_native_unpack_levels_on_dense_bitmaps(level):
+    """The vector add of bitmap layers (float32 into float32): more messages than one batch (8),
+    a layer ending inside a word, NaN and infinite entries, and NaN payloads in the output that
+    no entry touches (which must keep their bits) or that an entry turns canonical."""
+    offsets, numels, ks, stacked, out, expected = dense_bitmap_case()
+    for scale, want in expected.items():
+        actual = out.clone()
+        with forced_simd(level):
+            torch.ops.gcomp.sparse_unpack_add_(actual, stacked, offsets, numels, ks, torch.float32, scale)
+        assert same_bits(actual, want)
+
+
+@requires_native
+def test_simd_switch_reports_and_refuses():
+    """GCOMP_SIMD picks the level that runs (reported by simd_level()); a misspelt level, or one
+    this CPU lacks, raises instead of quietly running (and being measured as) another path."""
+    import gcomp._C
+
+    supported = supported_simd_levels()
+    assert supported[-1] == "portable" and set(supported) <= set(SIMD_LEVELS)
+    x = torch.randn(5000)
+    for level in supported:
+        with forced_simd(level):
+            assert gcomp._C.simd_level() == level
+            assert ops.simd_level() == level
+    with forced_simd("auto"):
+        assert gcomp._C.simd_level() == supported[0]
+    with forced_simd("avx9000"):
+        with pytest.raises(ValueError, match="GCOMP_SIMD must be"):
+            torch.ops.gcomp.topk_pack(x, [0], [5000], [50], torch.float32)
+    for level in set(SIMD_LEVELS) - set(supported):
+        with forced_simd(level):
+            with pytest.raises(ValueError, match="lacks the instructions"):
+                torch.ops.gcomp.topk_pack(x, [0], [5000], [50], torch.float32)
 
 
 @requires_native
