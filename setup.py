@@ -94,7 +94,7 @@ def _cxx_standard(torch_module) -> str:
         raise RuntimeError(
             f"torch {torch_module.__version__} needs C++20, which {family} {major} does not support well "
             f"enough: use {family} >= {needed} (set CXX), an older torch (< 2.14, built as C++17), or "
-            "GCOMP_NO_NATIVE=1 to skip the extension (gcomp then runs its pure-torch path)."
+            "GCOMP_NATIVE=0 to skip the extension (gcomp then runs its pure-torch path)."
         )
     return "20"
 
