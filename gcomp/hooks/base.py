@@ -244,7 +244,7 @@ class HookState(ABC):
     def plan_for(self, layout: BucketLayout, build: Callable[[BucketLayout], Any]) -> Any:
         """The subclass's plan for ``layout`` (which layers are compressed how), built once per
         layout and settings."""
-        key = layout.fingerprint()
+        key = layout.fingerprint
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = build(layout)
@@ -308,7 +308,7 @@ class HookState(ABC):
             self._gradient_scale = scale
         if not self._config_verified:
             self._verify_config(buffer.device)
-        fingerprint = layout.fingerprint()
+        fingerprint = layout.fingerprint
         if fingerprint not in self._verified_layouts:
             check_agreement(
                 self.transport, self.worker.runtime, "the layers of a gradient bucket", layout.describe(), buffer.device,

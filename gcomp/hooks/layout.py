@@ -23,6 +23,7 @@ tests use to prove device placement).
 """
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import zlib
@@ -70,9 +71,11 @@ class BucketLayout:
             slots.append(LayerSlot(name=name, offset=grad.storage_offset() - base, numel=grad.numel(), shape=tuple(grad.shape)))
         return cls(length=buffer.numel(), dtype=buffer.dtype, layers=tuple(slots))
 
+    @functools.cached_property
     def fingerprint(self) -> int:
         """A hash of the layout that is equal on every rank iff the layouts are (names, shapes,
-        offsets, dtype); used to detect ranks that disagree before they exchange data."""
+        offsets, dtype); used to detect ranks that disagree before they exchange data, and as the
+        key of per-layout plans. Computed once per layout: it is read for every bucket of every step."""
         return zlib.crc32(self.describe().encode("utf-8"))
 
     def describe(self) -> str:

@@ -231,7 +231,7 @@ class PowerSGDState(HookState):
         the group reads this step. Two per group alternate: the committed residuals are views of
         one, so ``M = g + e`` is written into the other. A step that is dropped (non-finite)
         commits nothing and its workspace is simply reused next step."""
-        key = (layout.fingerprint(), index, like.dtype)
+        key = (layout.fingerprint, index, like.dtype)
         pool = self._workspaces.setdefault(key, [])
         busy = set()  # workspaces whose slices are committed residuals (views keep their base)
         for slot in group.layers:

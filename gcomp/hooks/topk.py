@@ -217,7 +217,7 @@ class TopKState(HookState):
         stored = {layer.slot.name: self._stored(layer.slot, dtype, device) for layer in plan.sparse}
         compressed = tuple(layer for layer in plan.sparse if self.rule.is_initialised(stored[layer.slot.name]))
         initialised_now = tuple(layer.slot for layer in plan.sparse if not self.rule.is_initialised(stored[layer.slot.name]))
-        fingerprint = layout.fingerprint()
+        fingerprint = layout.fingerprint
         if fingerprint not in self._agreed_layouts:
             # k per layer and which layers are initialised densely this step set the sizes of
             # both collectives: they can only differ after inconsistent checkpoints.
