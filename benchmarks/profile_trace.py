@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 import gcomp
 from gcomp.examples.charlm import CharLM, CharLMConfig
 
-RANGES = ("gcomp.compress", "gcomp.collective", "gcomp.decompress", "gcomp.decide")
+RANGES = ("gcomp.compress", "gcomp.collective", "gcomp.decompress", "gcomp.profile", "gcomp.decide")
 
 
 def main() -> None:
@@ -46,6 +46,7 @@ def main() -> None:
                 ddp.zero_grad()
                 logits = ddp(tokens[:, :-1])
                 torch.nn.functional.cross_entropy(logits.reshape(-1, 256), tokens[:, 1:].reshape(-1)).backward()
+            state.synchronize()  # a decision after the last step runs behind it, off the training thread
         state.close()
         dist.destroy_process_group()
     profiler.export_chrome_trace(args.trace)

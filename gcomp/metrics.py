@@ -14,7 +14,7 @@ The wire itself carries more (a ring allreduce sends about ``2 (W-1)/W`` times i
 and gloo add headers); ``benchmarks/`` reads the network interface to measure that.
 
 - ``seconds``: host time spent per phase of the reductions (``compress``, ``collective``,
-  ``decompress``, ``decide``), each also a ``torch.profiler`` range named ``gcomp.<phase>``. On CUDA
+  ``decompress``; the adaptive controller's ``profile`` and ``decide``), each also a ``torch.profiler`` range named ``gcomp.<phase>``. On CUDA
   the phases end with a host read of the device, so their sum is the wall time of the
   communication thread; the split between them is approximate where kernels run asynchronously.
 
@@ -29,7 +29,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-PHASES: tuple[str, ...] = ("compress", "collective", "decompress", "decide")
+PHASES: tuple[str, ...] = ("compress", "collective", "decompress", "profile", "decide")
 
 
 @dataclass

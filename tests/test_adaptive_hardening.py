@@ -1,5 +1,6 @@
 """The adaptive controller under faults on one rank only: never a hang, never diverging settings."""
 import logging
+import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -48,6 +49,7 @@ def _faulty_rank(rank: int, world_size: int, fault: str) -> dict:
             handle.remove()
         if all(torch.isfinite(p.grad).all() for p in ddp.parameters()):
             optimizer.step()
+    state.synchronize()  # a decision may still be running behind the last step
     result = {
         "history": [(r["step"], r["choices"], r["used_fallback"]) for r in state.controller.history],
         "settings": dict(state.layer_ranks),
@@ -100,6 +102,7 @@ def _schedule(rank: int, world_size: int) -> dict:
             torch.nn.functional.mse_loss(ddp(x), y).backward()
         if config.every_steps is None:
             state.controller.epoch_end()
+        state.synchronize()  # a decision may still be running behind the last step
         out[label] = [(r["step"], r["compressed_step"], r["observed_steps"]) for r in state.controller.history]
         state.close()
     return out
@@ -111,3 +114,48 @@ def test_schedule_counts_compressed_steps_and_window_sizes():
         assert result["every"] == [(8, 6, 3), (14, 12, 3)], result["every"]
         # On request, only the first accumulate_steps compressed steps after the last decision.
         assert result["on_request"] == [(14, 12, 2)], result["on_request"]
+
+
+def _slow_decision(rank: int, world_size: int) -> dict:
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(make_mlp(width=64, depth=5), bucket_cap_mb=0.02)
+    state = gcomp.register(ddp, "powersgd", rank=4, warmup_steps=1, min_compression_rate=1.5,
+                           adaptive=gcomp.AdaptiveConfig(every_steps=2, accumulate_steps=1))
+    original = state.controller.family.errors
+    delay = 0.25  # per profiled layer: a decision takes over a second
+
+    def slow(tensor, shape, settings):
+        time.sleep(delay)
+        return original(tensor, shape, settings)
+
+    state.controller.family.errors = slow
+    backward_seconds = []
+    for step in range(3):  # step 2 (compressed step 2) triggers the decision
+        x, y = batch(rank, step)
+        ddp.zero_grad()
+        loss = torch.nn.functional.mse_loss(ddp(x), y)
+        started = time.perf_counter()
+        loss.backward()
+        backward_seconds.append(time.perf_counter() - started)
+    decisions_right_after = state.controller.decisions
+    started = time.perf_counter()
+    state.synchronize()
+    waited = time.perf_counter() - started
+    profiled = len(state.controller.history[0]["error_seconds"]) if state.controller.history else 0
+    result = {
+        "backward": backward_seconds, "waited": waited, "decisions_right_after": decisions_right_after,
+        "decisions": state.controller.decisions, "profiled": profiled, "decide_seconds": state.stats()["seconds"]["decide"],
+    }
+    state.close()
+    return result
+
+
+def test_decision_runs_behind_the_step_not_inside_it():
+    """The decision is queued after the step's last bucket: backward returns while the controller
+    is still measuring errors, and synchronize() (state_dict, stats) waits for it."""
+    for result in run_ranks(_slow_decision, 2, timeout=120):
+        decision_seconds = 0.25 * result["profiled"]
+        assert result["profiled"] >= 4 and result["decisions"] == 1, result
+        assert result["decide_seconds"] >= decision_seconds, result
+        assert max(result["backward"]) < decision_seconds / 2, result  # not waited for by backward
+        assert result["decisions_right_after"] == 0 and result["waited"] > decision_seconds / 2, result

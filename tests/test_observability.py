@@ -18,7 +18,7 @@ def test_profiler_trace_holds_every_gcomp_range(tmp_path):
         capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    for name in ("gcomp.compress", "gcomp.collective", "gcomp.decompress", "gcomp.decide"):
+    for name in ("gcomp.compress", "gcomp.collective", "gcomp.decompress", "gcomp.profile", "gcomp.decide"):
         line = next(line for line in result.stdout.splitlines() if line.startswith(name))
         assert int(line.split()[-1]) > 0, line
     assert trace.stat().st_size > 0

@@ -15,14 +15,19 @@ One decision, on every rank alike:
    of its warm-start factors; error buffers are kept) and logged with its predicted and, at the
    next decision, measured bytes.
 
-The decision runs on the communication thread right after a step's last bucket, so its
-collectives are ordered with the buckets' on every rank.
+The decision runs on the communication thread as a job queued right behind a step's last bucket:
+the step's futures complete first, so the training thread goes on with the optimizer step and the
+next forward pass while the controller profiles and decides, and its collectives are ordered
+before the next step's buckets on every rank. Its cost is measured: ``stats()["seconds"]`` has
+``profile`` (summing the profiled tensors) and ``decide`` (errors, the table's allreduce, the
+solver); each decision record has its ``seconds`` and per-layer ``error_seconds``.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -142,6 +147,10 @@ class AdaptiveController:
     epoch_end = decide_now
 
     def _observe(self, name: str, shape: tuple[int, ...], tensor: torch.Tensor) -> None:
+        with TrafficStats.timed(self.state.traffic, "profile"):
+            self._accumulate(name, shape, tensor)
+
+    def _accumulate(self, name: str, shape: tuple[int, ...], tensor: torch.Tensor) -> None:
         self._device = tensor.device
         if name in self.accumulated:
             self.accumulated[name].add_(tensor.reshape(-1))
@@ -155,10 +164,15 @@ class AdaptiveController:
             return self._decide_timed(completed_steps)
 
     def _decide_timed(self, completed_steps: int) -> dict[str, Any]:
+        decision_started = time.perf_counter()
         names = sorted(self.accumulated)
         candidates = [self.family.candidates(self.shapes[name]) for name in names]
         self._agree("the adaptive problem (profiled layers and their candidates)", list(zip(names, candidates)))
-        rows = [self._errors(name, options) for name, options in zip(names, candidates)]
+        rows, error_seconds = [], {}
+        for name, options in zip(names, candidates):
+            started = time.perf_counter()
+            rows.append(self._errors(name, options))
+            error_seconds[name] = time.perf_counter() - started  # host time (kernel launches only on a GPU)
         errors: list[list[float]] = []
         if rows:
             # One small allreduce averages the error table, so every rank solves the same problem.
@@ -203,6 +217,8 @@ class AdaptiveController:
             "used_fallback": solution.used_fallback,
             "measured_bytes_per_step_since_last": measured,
             "observed_steps": self.observed_steps,
+            "error_seconds": error_seconds,
+            "seconds": time.perf_counter() - decision_started,
         }
         self.decisions += 1
         self.last_decision_step = completed_steps

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -44,7 +44,7 @@ class CommWorker:
         self._name = name
         self.runtime = runtime if runtime is not None else DeviceRuntime()
         self.inline = inline
-        self._jobs: "queue.SimpleQueue[Optional[_Item]]" = queue.SimpleQueue()
+        self._jobs: "queue.SimpleQueue[Union[_Item, threading.Event, None]]" = queue.SimpleQueue()
         self._thread: Optional[threading.Thread] = None
         self._failure: Optional[BaseException] = None
         self._lock = threading.Lock()
@@ -69,6 +69,19 @@ class CommWorker:
         controller decisions that must happen between steps, on every rank alike)."""
         return self.submit(job, device).wait()
 
+    def drain(self) -> None:
+        """Wait until every job queued so far has run (jobs queued by other jobs, such as a
+        controller decision after a step's last bucket, included). Does nothing inline, on a
+        closed worker, or when called from the communication thread itself; a job that failed
+        was already reported to the DDP future that waited for it, so it is not raised again."""
+        with self._lock:
+            thread = self._thread
+        if self.inline or thread is None or not thread.is_alive() or thread is threading.current_thread():
+            return
+        done = threading.Event()
+        self._jobs.put(done)  # set by the thread when it reaches it, whether earlier jobs failed or not
+        done.wait()
+
     def close(self) -> None:
         """Stop the thread after the queued jobs finish. Safe to call twice."""
         with self._lock:
@@ -83,6 +96,9 @@ class CommWorker:
             item = self._jobs.get()
             if item is None:
                 return
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
             self._execute(item)
 
     def _execute(self, item: _Item) -> None:

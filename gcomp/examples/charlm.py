@@ -64,6 +64,8 @@ class CharLMConfig:
             "tiny": cls(context=64, width=64, layers=2, heads=2),  # tests: ~0.1 M parameters
             "small": cls(context=128, width=256, layers=4, heads=4),  # README job: ~3.3 M
             "medium": cls(context=128, width=384, layers=6, heads=6),  # ~11 M
+            # The second workload of the benchmarks: deeper, narrower, shorter context (~1.7 M).
+            "deep": cls(context=64, width=128, layers=8, heads=4),
         }
         if name not in presets:
             raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(presets)}")

@@ -140,6 +140,7 @@ class HookState(ABC):
         """Cumulative traffic: ``steps``, ``bytes_sent``, ``bytes_received``, ``bytes_uncompressed``,
         ``compression_ratio`` (None until a step ran), ``seconds`` per phase and per-layer detail
         under ``layers`` (see :mod:`gcomp.metrics`)."""
+        self.synchronize()
         out = self.traffic.summary()
         out["method"] = self.method
         out["state_bytes"] = self.memory_bytes()
@@ -159,6 +160,7 @@ class HookState(ABC):
     def state_dict(self) -> dict[str, Any]:
         """This rank's state: tensors and plain values only (loads with ``weights_only=True``).
         Every rank saves its own; error-feedback residuals differ between ranks."""
+        self.synchronize()
         return {
             "format_version": STATE_FORMAT_VERSION,
             "method": self.method,
@@ -184,6 +186,7 @@ class HookState(ABC):
             raise ValueError("load_state_dict expects a dict produced by a gcomp state's state_dict()")
         if state["method"] != self.method:
             raise ValueError(f"checkpoint holds state of method {state['method']!r}, this state is {self.method!r}")
+        self.synchronize()
         if state.get("config") != self.config():
             warnings.warn(
                 f"gcomp: checkpoint hyperparameters {state.get('config')} differ from {self.config()}; "
@@ -329,8 +332,23 @@ class HookState(ABC):
             if step == 0:
                 self._check_override_names()
             if self.controller is not None:
-                self.controller.on_step_end(self.traffic.compressed_steps)
+                # Queued behind this bucket, so the step's last future completes first: the
+                # training thread goes on (optimizer step, next forward) while the controller
+                # profiles or decides, and the next step's buckets queue behind it in the same
+                # order on every rank (its collectives cannot interleave with theirs).
+                compressed_steps = self.traffic.compressed_steps
+                self.worker.submit(lambda: self._controller_step_end(compressed_steps, buffer.device), buffer.device)
         return result
+
+    def _controller_step_end(self, compressed_steps: int, device: torch.device) -> torch.Tensor:
+        self.controller.on_step_end(compressed_steps)
+        return torch.zeros((), device=device)
+
+    def synchronize(self) -> None:
+        """Wait until every queued communication job (and a pending controller decision) has
+        run; the state may then be read or saved consistently. ``state_dict``, ``load_state_dict``
+        and ``stats`` call it."""
+        self.worker.drain()
 
     def _verify_config(self, device: torch.device) -> None:
         """Every rank must run the same method with the same hyperparameters and overrides, and
