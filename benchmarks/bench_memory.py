@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import io
 import json
 import logging
 import os
@@ -35,7 +36,20 @@ CONFIGS: list[tuple[str, str, dict]] = [
     ("topk 1% EF21", "topk", {"density": 0.01, "feedback": "ef21"}),
     ("topk 1% EF21-SGDM", "topk", {"density": 0.01, "feedback": "ef21-sgdm"}),
     ("topk 1% EControl", "topk", {"density": 0.01, "feedback": "econtrol"}),
+    # The controller's checkpoint share: outside its profiling window, and inside it (the summed
+    # profiled gradients of the window are saved so that a resume decides bit-identically).
+    ("powersgd rank 4, adaptive", "powersgd", {"rank": 4, "adaptive": gcomp.AdaptiveConfig(every_steps=100)}),
+    ("powersgd rank 4, adaptive, in window", "powersgd", {"rank": 4, "adaptive": gcomp.AdaptiveConfig(every_steps=10)}),
+    ("topk 1% EF21, adaptive", "topk", {"density": 0.01, "feedback": "ef21", "adaptive": gcomp.AdaptiveConfig(every_steps=100)}),
+    ("topk 1% EF21, adaptive, in window", "topk", {"density": 0.01, "feedback": "ef21", "adaptive": gcomp.AdaptiveConfig(every_steps=10)}),
 ]
+
+
+def checkpoint_bytes(state_dict: dict) -> int:
+    """Bytes of ``torch.save(state_dict)``: what each rank writes per checkpoint."""
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    return buffer.tell()
 
 
 def census(method: str, options: dict, steps: int = 3) -> dict:
@@ -50,10 +64,15 @@ def census(method: str, options: dict, steps: int = 3) -> dict:
         logits = ddp(tokens[:, :-1])
         torch.nn.functional.cross_entropy(logits.reshape(-1, 256), tokens[:, 1:].reshape(-1)).backward()
     memory = state.memory_bytes()
+    saved = state.state_dict()
+    controller = saved.get("controller") or {}
     state.close()
     return {
         "gradient_bytes": gradient_bytes,
         **memory,
+        "checkpoint_bytes": checkpoint_bytes(saved),
+        "controller_checkpoint_bytes": checkpoint_bytes(controller) if controller else 0,
+        "checkpoint_per_gradient_byte": checkpoint_bytes(saved) / gradient_bytes,
         "state_per_gradient_byte": memory["state"] / gradient_bytes,
         "workspace_per_gradient_byte": memory["workspace"] / gradient_bytes,
     }
@@ -68,9 +87,11 @@ def main() -> None:
         dist.init_process_group("gloo", init_method=f"file://{os.path.join(directory, 'store')}", rank=0, world_size=1)
         rows = {label: census(method, options) for label, method, options in CONFIGS}
         dist.destroy_process_group()
-    print(f"{'method':38s} {'state / grad':>12s} {'workspace / grad':>16s} {'state MB':>9s}")
+    print("| method | state / gradient bytes | workspace / gradient bytes | state MB | checkpoint MB | checkpoint / gradient bytes | controller's share MB |")
+    print("|---|---|---|---|---|---|---|")
     for label, row in rows.items():
-        print(f"{label:38s} {row['state_per_gradient_byte']:12.3f} {row['workspace_per_gradient_byte']:16.3f} {row['state'] / 1e6:9.2f}")
+        print(f"| {label} | {row['state_per_gradient_byte']:.3f} | {row['workspace_per_gradient_byte']:.3f} | {row['state'] / 1e6:.2f} | "
+              f"{row['checkpoint_bytes'] / 1e6:.2f} | {row['checkpoint_per_gradient_byte']:.3f} | {row['controller_checkpoint_bytes'] / 1e6:.2f} |")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({"date": datetime.date.today().isoformat(), "torch": torch.__version__, "rows": rows}, handle, indent=1)

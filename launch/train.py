@@ -54,6 +54,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapt-every", type=int, default=100, help="sync steps between adaptive decisions")
     parser.add_argument("--adapt-accumulate", type=int, default=10, help="steps of gradients profiled before each decision")
     parser.add_argument("--adapt-alpha", type=float, default=1.0, help="error budget relative to the uniform setting")
+    parser.add_argument("--adapt-error-measure", default=None, choices=("absolute", "relative"),
+                        help="L-GreCo error of a layer: absolute ||x - C(x)|| or relative to ||x|| (default: AdaptiveConfig's)")
     parser.add_argument("--adapt-log", default=None, help="append every adaptive decision to this JSON-lines file")
     parser.add_argument("--adapt-rank-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("LOW", "HIGH"),
                         help="PowerSGD candidate ranks: from LOW*rank to HIGH*rank")
@@ -126,6 +128,7 @@ def register_method(ddp: DistributedDataParallel, args: argparse.Namespace):
             rank_range=tuple(args.adapt_rank_range),
             density_factors=tuple(args.adapt_density_factors),
             log_path=args.adapt_log,
+            **({"error_measure": args.adapt_error_measure} if args.adapt_error_measure else {}),
         )
     return gcomp.register(ddp, args.method, **options)
 
@@ -229,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             if state is not None:
                 stats = state.stats()
                 record.update({k: stats[k] for k in ("bytes_sent", "bytes_received", "bytes_uncompressed", "compression_ratio")})
+                record["gcomp_seconds"] = dict(stats["seconds"])
             line = f"step {step + 1:5d}  loss {loss_value:.4f}"
             if validation is not None:
                 line += f"  val {validation:.4f}"

@@ -42,6 +42,9 @@ from .solver import solve
 logger = logging.getLogger(__name__)
 
 
+ERROR_MEASURES = ("absolute", "relative")
+
+
 @dataclass(frozen=True)
 class AdaptiveConfig:
     """Settings of the adaptive controller.
@@ -60,6 +63,10 @@ class AdaptiveConfig:
     density_factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
     resolution: int = 10_000
     log_path: Optional[str] = None  # JSON lines, written by rank 0
+    # "absolute": a layer's error is ||x - C(x)|| (the paper); "relative": divided by ||x||, so a
+    # layer with small gradients weighs as much as one with large ones (what an optimizer that
+    # normalises each coordinate, such as AdamW, sees).
+    error_measure: str = "absolute"
 
     def __post_init__(self) -> None:
         if self.every_steps is not None and (isinstance(self.every_steps, bool) or not isinstance(self.every_steps, int) or self.every_steps < 1):
@@ -76,6 +83,8 @@ class AdaptiveConfig:
             raise ValueError("density_factors must not be empty (the candidate set would be empty)")
         if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or self.resolution < 1:
             raise ValueError(f"resolution must be an integer >= 1; got {self.resolution!r}")
+        if self.error_measure not in ERROR_MEASURES:
+            raise ValueError(f"error_measure must be one of {list(ERROR_MEASURES)}; got {self.error_measure!r}")
 
 
 class AdaptiveController:
@@ -155,7 +164,10 @@ class AdaptiveController:
         if name in self.accumulated:
             self.accumulated[name].add_(tensor.reshape(-1))
         else:
-            self.accumulated[name] = tensor.reshape(-1).to(torch.float64, copy=True)
+            # Summed in the gradients' own precision (float32 for float32 and half buckets): ten
+            # steps lose nothing the error estimates can see, and a checkpoint taken inside the
+            # window holds half the bytes of a float64 copy. The errors are computed in float64.
+            self.accumulated[name] = tensor.reshape(-1).clone()
             self.shapes[name] = tuple(shape)
 
     # ------------------------------------------------------------------ decision
@@ -233,7 +245,12 @@ class AdaptiveController:
         must not leave this rank out of the table's allreduce: the row becomes NaN, which the sum
         spreads to every rank, so every rank treats the layer alike."""
         try:
-            return self.family.errors(self.accumulated[name], self.shapes[name], options)
+            tensor = self.accumulated[name]
+            row = self.family.errors(tensor, self.shapes[name], options)
+            if self.config.error_measure == "relative":
+                size = tensor.double().norm()
+                row = torch.where(size > 0, row / size, torch.zeros_like(row))
+            return row
         except Exception as error:  # noqa: BLE001 - reported, and agreed on through the allreduce
             logger.warning("gcomp adaptive: could not measure compression errors of layer %s: %r", name, error)
             return torch.full((len(options),), math.nan, dtype=torch.float64, device=self._device)

@@ -140,7 +140,6 @@ class HookState(ABC):
         """Cumulative traffic: ``steps``, ``bytes_sent``, ``bytes_received``, ``bytes_uncompressed``,
         ``compression_ratio`` (None until a step ran), ``seconds`` per phase and per-layer detail
         under ``layers`` (see :mod:`gcomp.metrics`)."""
-        self.synchronize()
         out = self.traffic.summary()
         out["method"] = self.method
         out["state_bytes"] = self.memory_bytes()
@@ -346,8 +345,9 @@ class HookState(ABC):
 
     def synchronize(self) -> None:
         """Wait until every queued communication job (and a pending controller decision) has
-        run; the state may then be read or saved consistently. ``state_dict``, ``load_state_dict``
-        and ``stats`` call it."""
+        run; the state may then be read or saved consistently (``state_dict`` and
+        ``load_state_dict`` call it; ``stats`` does not wait, its counters are complete once a
+        step's backward has returned)."""
         self.worker.drain()
 
     def _verify_config(self, device: torch.device) -> None:
