@@ -9,6 +9,7 @@ or, PyTorch style, ``ddp_model.register_comm_hook(gcomp.PowerSGDState(rank=4), g
 from ._version import __version__
 from .adaptive import AdaptiveConfig, AdaptiveController
 from .api import METHODS, register
+from .precondition import LocalAdamW
 from .hooks import (
     AllreduceState,
     BF16State,
@@ -32,6 +33,7 @@ __all__ = [
     "BF16State",
     "FP16State",
     "HookState",
+    "LocalAdamW",
     "PowerSGDState",
     "TopKState",
     "allreduce_hook",

@@ -45,6 +45,10 @@ def register(
     rank with the same arguments. Keep the returned state: it has ``stats()``, ``state_dict()`` and
     ``load_state_dict()``.
 
+    ``precondition="adamw"`` (or a :class:`~gcomp.LocalAdamW`) sends each rank's local AdamW
+    direction instead of its gradient; step the model with ``torch.optim.SGD(params, lr,
+    weight_decay=...)`` (see :mod:`gcomp.precondition`).
+
     ``adaptive=True`` (or an :class:`~gcomp.adaptive.AdaptiveConfig`) attaches the L-GreCo
     controller to ``"powersgd"`` / ``"topk"``: per-layer ranks / densities re-chosen every
     ``every_steps`` sync steps (``state.controller.epoch_end()`` to decide at an epoch's end).
@@ -57,7 +61,10 @@ def register(
         raise ValueError("a gcomp hook is already registered on this DDP model (DDP allows one comm hook per model)")
     if not isinstance(adaptive, (bool, AdaptiveConfig)):
         raise TypeError(f"adaptive must be True, False or a gcomp.AdaptiveConfig; got {type(adaptive).__name__}")
+    precondition = options.pop("precondition", None)
     state = METHODS[method](process_group, **options)
+    if precondition is not None:
+        state.set_preconditioner(precondition, ddp_model.parameters())
     if adaptive:
         AdaptiveController(state, adaptive if isinstance(adaptive, AdaptiveConfig) else AdaptiveConfig())
     state.attach(ddp_model)

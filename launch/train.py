@@ -65,6 +65,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per worker per step")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="sgd: momentum 0.9")
+    parser.add_argument("--precondition", action="store_true",
+                        help="with --optimizer adamw: every rank sends its local AdamW direction (gcomp precondition='adamw'), "
+                             "stepped by SGD with AdamW's weight decay")
     parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
                         help="cosine: linear warm-up over --lr-warmup steps, then cosine decay to 10%% of --lr")
     parser.add_argument("--lr-warmup", type=int, default=0, help="steps of linear learning-rate warm-up (cosine)")
@@ -130,6 +133,8 @@ def register_method(ddp: DistributedDataParallel, args: argparse.Namespace):
             log_path=args.adapt_log,
             **({"error_measure": args.adapt_error_measure} if args.adapt_error_measure else {}),
         )
+    if args.precondition:
+        options["precondition"] = "adamw"
     return gcomp.register(ddp, args.method, **options)
 
 
@@ -153,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     model = CharLM(config)
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    elif args.precondition:  # the gradients are AdamW directions already; AdamW's default weight decay
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, weight_decay=0.01)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     corpus = load_corpus(args.data, args.max_bytes)

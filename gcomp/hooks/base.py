@@ -28,7 +28,7 @@ import math
 import warnings
 import zlib
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Mapping, Optional
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -86,11 +86,18 @@ class HookState(ABC):
         # next, and the one the stored gradient-valued tensors are in (None: not known yet).
         self._requested_gradient_scale: Optional[float] = None
         self._gradient_scale: Optional[float] = None
+        # Compress after preconditioning (gcomp.precondition): None, or the rule that turns each
+        # rank's gradients into its local optimizer direction before anything else happens.
+        self.preconditioner: Optional[Any] = None
+        self._optimizer_guard: Optional[Any] = None
 
     # ------------------------------------------------------------------ to implement in subclasses
     def config(self) -> dict[str, Any]:
         """Hyperparameters that must agree on every rank (plain values), overrides included."""
-        return {"warmup_steps": self.warmup_steps}
+        out: dict[str, Any] = {"warmup_steps": self.warmup_steps}
+        if self.preconditioner is not None:
+            out["precondition"] = self.preconditioner.config()
+        return out
 
     def layer_overrides(self) -> Mapping[str, Any]:
         """Per-layer settings given by name (``layer_ranks``, ``layer_densities``)."""
@@ -135,6 +142,25 @@ class HookState(ABC):
         self._layouts.clear()
         self._config_verified = False
         return self
+
+    def set_preconditioner(self, precondition: Any, parameters: Optional[Iterable[torch.nn.Parameter]] = None) -> None:
+        """Send each rank's local AdamW direction instead of its gradient (``"adamw"`` or a
+        :class:`gcomp.LocalAdamW`; see :mod:`gcomp.precondition`). Call before the first step, on
+        every rank alike. ``parameters`` (the model's): an optimizer other than momentum-free SGD
+        over them is refused at its first step."""
+        from ..precondition import OptimizerGuard, make_preconditioner
+
+        if self.lifecycle.started:
+            raise RuntimeError("set_preconditioner must be called before the first step")
+        self.preconditioner = make_preconditioner(precondition)
+        if self.preconditioner is not None:
+            self.store.per_rank = tuple(dict.fromkeys(self.store.per_rank + self.preconditioner.tensors))
+        if self._optimizer_guard is not None:
+            self._optimizer_guard.remove()
+            self._optimizer_guard = None
+        if self.preconditioner is not None and parameters is not None:
+            self._optimizer_guard = OptimizerGuard(parameters)
+        self._config_verified = False
 
     def stats(self) -> dict[str, Any]:
         """Cumulative traffic: ``steps``, ``bytes_sent``, ``bytes_received``, ``bytes_uncompressed``,
@@ -215,6 +241,9 @@ class HookState(ABC):
     def close(self) -> None:
         """Stop the communication thread (call before ``destroy_process_group``)."""
         self.worker.close()
+        if self._optimizer_guard is not None:
+            self._optimizer_guard.remove()
+            self._optimizer_guard = None
 
     def set_gradient_scale(self, scale: float) -> None:
         """Declare the factor the coming backward passes multiply gradients by (with AMP:
@@ -318,11 +347,15 @@ class HookState(ABC):
             )
             self._verified_layouts.add(fingerprint)
         self.traffic.bytes_uncompressed += buffer.numel() * buffer.element_size()
+        if self.preconditioner is not None:
+            self.preconditioner.direction_(buffer, layout, self.store, self._gradient_scale)
         if self.lifecycle.in_warmup(step):
             for slot in layout.layers:
                 nbytes = slot.numel * buffer.element_size()
                 self.traffic.record_layer(slot.name, slot.shape, "dense (warm-up)", nbytes, nbytes)
             result = self.dense_average_(buffer)
+            if self.preconditioner is not None and not self.worker.runtime.all_finite(result):
+                self.skip_step(result, layout, step)  # the moments staged this step are dropped
         else:
             self.lifecycle.mark_compressed()
             result = self.reduce(buffer, layout, step)

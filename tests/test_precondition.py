@@ -1,0 +1,217 @@
+"""Compress after preconditioning (precondition="adamw"): each rank's local AdamW direction is what
+is compressed and averaged; the optimizer must be momentum-free SGD."""
+import io
+import math
+
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+import gcomp
+from distributed import run_ranks
+from models import batch, make_mlp
+
+BETAS, EPS = (0.9, 0.999), 1e-8
+
+
+def _reference_directions(rank_gradients: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Per step: the mean over ranks of each rank's own AdamW direction (bias-corrected), by hand."""
+    world = len(rank_gradients)
+    moments = [None] * world
+    squares = [None] * world
+    out = []
+    for step in range(len(rank_gradients[0])):
+        directions = []
+        for rank in range(world):
+            g = rank_gradients[rank][step].double()
+            moments[rank] = g * (1 - BETAS[0]) if moments[rank] is None else moments[rank] * BETAS[0] + g * (1 - BETAS[0])
+            squares[rank] = g * g * (1 - BETAS[1]) if squares[rank] is None else squares[rank] * BETAS[1] + g * g * (1 - BETAS[1])
+            t = step + 1
+            directions.append((moments[rank] / (1 - BETAS[0] ** t)) / ((squares[rank] / (1 - BETAS[1] ** t)).sqrt() + EPS))
+        out.append(sum(directions) / world)
+    return out
+
+
+def _train(rank, world_size, method, options, steps=6, inject_inf_at=None, save_at=None, checkpoint=None):
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(make_mlp(), bucket_cap_mb=0.002)
+    state = gcomp.register(ddp, method, precondition="adamw", **options)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01, weight_decay=0.01)
+    start = 0
+    if checkpoint is not None:
+        saved = torch.load(io.BytesIO(checkpoint[rank]), weights_only=True)
+        ddp.load_state_dict(saved["model"])
+        state.load_state_dict(saved["gcomp"])
+        start = saved["step"]
+    local, averaged, saved_bytes = [], [], None
+    for step in range(start, steps):
+        x, y = batch(rank, step)
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(ddp(x), y)
+        if inject_inf_at == step and rank == 1:
+            loss = loss * math.inf
+        loss.backward()
+        averaged.append(torch.cat([p.grad.flatten() for p in ddp.parameters()]))
+        if all(torch.isfinite(p.grad).all() for p in ddp.parameters()):
+            optimizer.step()
+        if save_at is not None and step + 1 == save_at:
+            buffer = io.BytesIO()
+            torch.save({"model": ddp.state_dict(), "gcomp": state.state_dict(), "step": step + 1}, buffer)
+            saved_bytes = buffer.getvalue()
+    moments_finite = all(torch.isfinite(t).all() for tensors in state.layer_state.values() for t in tensors.values())
+    result = {"averaged": averaged, "params": [p.detach().clone() for p in ddp.parameters()], "saved": saved_bytes,
+              "moments_finite": moments_finite, "skipped": state.stats()["skipped_steps"]}
+    state.close()
+    return result
+
+
+def _local_gradients(rank, world_size, steps):
+    """Each rank's own gradients along the preconditioned run's trajectory are not needed: with
+    SGD at lr 0 the parameters stay put, so plain backward passes give the gradients."""
+    torch.manual_seed(0)
+    model = make_mlp()
+    out = []
+    for step in range(steps):
+        x, y = batch(rank, step)
+        model.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        out.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    return out
+
+
+def _dense_directions(rank, world_size):
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(make_mlp(), bucket_cap_mb=0.002)
+    state = gcomp.register(ddp, "allreduce", precondition="adamw")
+    averaged = []
+    for step in range(5):
+        x, y = batch(rank, step)
+        ddp.zero_grad()
+        torch.nn.functional.mse_loss(ddp(x), y).backward()  # no optimizer step: parameters stay put
+        averaged.append(torch.cat([p.grad.flatten() for p in ddp.parameters()]))
+    state.close()
+    return {"averaged": averaged, "local": _local_gradients(rank, world_size, 5)}
+
+
+def test_allreduce_averages_each_ranks_own_adamw_direction():
+    results = run_ranks(_dense_directions, 2)
+    expected = _reference_directions([results[0]["local"], results[1]["local"]])
+    for got, want in zip(results[0]["averaged"], expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(results[0]["averaged"], results[1]["averaged"]):
+        assert torch.equal(a, b)
+
+
+def _density_one_vs_dense(rank, world_size):
+    sparse = _train(rank, world_size, "topk", {"density": 1.0, "feedback": "ef14", "warmup_steps": 2, "min_compression_rate": 0.5})
+    dense = _train(rank, world_size, "allreduce", {})
+    return sparse, dense
+
+
+def test_topk_at_density_one_equals_the_dense_preconditioned_average():
+    for sparse, dense in run_ranks(_density_one_vs_dense, 2):
+        for a, b in zip(sparse["averaged"], dense["averaged"]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # rank-order sum vs allreduce sum
+        for a, b in zip(sparse["params"], dense["params"]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _every_rule(rank, world_size):
+    out = {}
+    for feedback in ("ef14", "ef21", "ef21-sgdm", "econtrol"):
+        out[feedback] = _train(rank, world_size, "topk", {"density": 0.05, "feedback": feedback, "warmup_steps": 1}, steps=5)
+    out["powersgd"] = _train(rank, world_size, "powersgd", {"rank": 2, "warmup_steps": 1, "min_compression_rate": 1.0}, steps=5)
+    return out
+
+
+def test_every_rule_keeps_ranks_identical():
+    first, second = run_ranks(_every_rule, 2, timeout=180)
+    for name in first:
+        for a, b in zip(first[name]["params"], second[name]["params"]):
+            assert torch.equal(a, b), name
+        assert all(torch.isfinite(p).all() for p in first[name]["params"]), name
+
+
+def _resume(rank, world_size):
+    options = {"density": 0.05, "feedback": "ef21", "warmup_steps": 2}
+    uninterrupted = _train(rank, world_size, "topk", options, steps=8, save_at=4)
+    return uninterrupted
+
+
+def _resumed(rank, world_size, checkpoints):
+    return _train(rank, world_size, "topk", {"density": 0.05, "feedback": "ef21", "warmup_steps": 2}, steps=8, checkpoint=checkpoints)
+
+
+def test_resume_is_bit_identical():
+    uninterrupted = run_ranks(_resume, 2)
+    resumed = run_ranks(_resumed, 2, [r["saved"] for r in uninterrupted])
+    for one, other in zip(uninterrupted, resumed):
+        for a, b in zip(one["params"], other["params"]):
+            assert torch.equal(a, b)
+
+
+def _overflow(rank, world_size, step):
+    return _train(rank, world_size, "topk", {"density": 0.05, "feedback": "ef14", "warmup_steps": 2}, steps=5, inject_inf_at=step)
+
+
+@pytest.mark.parametrize("step", [1, 3], ids=["in warm-up", "compressed"])
+def test_an_overflow_on_one_rank_leaves_the_moments_finite(step):
+    for result in run_ranks(_overflow, 2, step):
+        assert result["skipped"] == 1 and result["moments_finite"]
+        assert all(torch.isfinite(p).all() for p in result["params"])
+
+
+def _optimizer(rank, world_size, kind):
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(make_mlp())
+    state = gcomp.register(ddp, "topk", density=0.1, precondition="adamw")
+    optimizer = {
+        "adamw": lambda: torch.optim.AdamW(ddp.parameters(), lr=1e-3),
+        "sgd-momentum": lambda: torch.optim.SGD(ddp.parameters(), lr=1e-3, momentum=0.9),
+        "sgd": lambda: torch.optim.SGD(ddp.parameters(), lr=1e-3, weight_decay=0.01),
+    }[kind]()
+    x, y = batch(rank, 0)
+    torch.nn.functional.mse_loss(ddp(x), y).backward()
+    try:
+        optimizer.step()
+        error = ""
+    except ValueError as caught:
+        error = str(caught)
+    state.close()
+    return error
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd-momentum", "sgd"])
+def test_a_mismatched_optimizer_is_refused_at_its_first_step(kind):
+    for error in run_ranks(_optimizer, 2, kind):
+        if kind == "sgd":
+            assert error == ""
+        else:
+            assert "AdamW directions" in error and "torch.optim.SGD" in error, error
+
+
+def _mismatch(rank, world_size):
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(make_mlp())
+    options = {"precondition": "adamw"} if rank == 0 else {}
+    state = gcomp.register(ddp, "topk", density=0.1, **options)
+    x, y = batch(rank, 0)
+    try:
+        torch.nn.functional.mse_loss(ddp(x), y).backward()
+        error = ""
+    except Exception as caught:  # noqa: BLE001 - the message is what is checked
+        error = str(caught)
+    state.close()
+    return error
+
+
+def test_precondition_on_one_rank_only_raises_on_every_rank():
+    for error in run_ranks(_mismatch, 2, timeout=90):
+        assert "precondition" in error, error
+
+
+def test_bad_options_raise():
+    with pytest.raises(ValueError, match="precondition"):
+        gcomp.PowerSGDState().set_preconditioner("lion")
+    with pytest.raises(ValueError, match="betas"):
+        gcomp.LocalAdamW(betas=(0.9, 1.0))
