@@ -40,6 +40,9 @@ def summarise(records: list[dict], warmup_steps: int) -> dict:
     last = records[-1]
     at_warmup = next((r for r in records if r["step"] == warmup_steps), None)
     warmup_bytes = at_warmup["bytes_sent"] if at_warmup is not None and warmup_steps else 0
+    if "bytes_sent" not in last:  # plain DDP (no gcomp state): its bytes are the uncompressed ones of the other runs
+        return {"validation_loss": last["validation_loss"], "bytes_whole_run": None, "bytes_compressed_phase": None,
+                "bytes_uncompressed": None, "seconds_per_step": last["seconds"] / last["step"]}
     return {
         "validation_loss": last["validation_loss"],
         "bytes_whole_run": last["bytes_sent"],
@@ -76,8 +79,15 @@ def main() -> None:
             print(f"{label} seed {seed}: {results[label][seed]['summary']}", file=sys.stderr, flush=True)
     reference = args.run[0][0]
 
-    def mean_of(label: str, key: str) -> float:
-        return statistics.mean(run["summary"][key] for run in results[label].values())
+    def mean_of(label: str, key: str) -> float | None:
+        values = [run["summary"][key] for run in results[label].values()]
+        return None if None in values else statistics.mean(values)
+
+    def ratio(numerator: float | None, denominator: float | None) -> str:
+        return "-" if numerator is None or not denominator else f"{numerator / denominator:.2f}x"
+
+    def megabytes(value: float | None) -> str:
+        return "-" if value is None else f"{value / 1e6:.1f}"
 
     print(f"\nmodel {args.model}, {args.steps} steps, {args.warmup_steps} dense warm-up steps, seeds {args.seeds}; launch/train.py {' '.join(common)}")
     print("| run | final validation loss | vs first row | MB whole run | MB compressed phase | fewer bytes than first row (compressed phase) | fewer bytes than DDP (whole run) |")
@@ -86,8 +96,8 @@ def main() -> None:
         losses = [run["summary"]["validation_loss"] for run in results[label].values()]
         loss_change = 100 * (statistics.mean(losses) / mean_of(reference, "validation_loss") - 1)
         compressed = mean_of(label, "bytes_compressed_phase")
-        print(f"| {label} | {_value(losses)} | {loss_change:+.2f} % | {mean_of(label, 'bytes_whole_run') / 1e6:.1f} | {compressed / 1e6:.1f} | "
-              f"{mean_of(reference, 'bytes_compressed_phase') / compressed:.2f}x | {mean_of(label, 'bytes_uncompressed') / mean_of(label, 'bytes_whole_run'):.2f}x |")
+        print(f"| {label} | {_value(losses)} | {loss_change:+.2f} % | {megabytes(mean_of(label, 'bytes_whole_run'))} | {megabytes(compressed)} | "
+              f"{ratio(mean_of(reference, 'bytes_compressed_phase'), compressed)} | {ratio(mean_of(label, 'bytes_uncompressed'), mean_of(label, 'bytes_whole_run'))} |")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as handle:
