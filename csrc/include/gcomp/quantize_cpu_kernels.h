@@ -34,6 +34,7 @@ typedef uint64_t alias_u64;
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define GCOMP_QUANTIZE_X86 1
+#include <immintrin.h>
 #endif
 
 constexpr int64_t kBlock = 64;  // entries per inner block: whole bytes of codes at every width
@@ -323,13 +324,126 @@ inline void unpack_unit_portable(const UnpackTask& t, int bits) { unpack_unit_di
 #ifdef GCOMP_QUANTIZE_X86
 #define GCOMP_QUANTIZE_AVX2 "avx2,bmi,bmi2,popcnt,f16c"
 #define GCOMP_QUANTIZE_AVX512 "avx512f,avx512bw,avx512vl,avx512dq,avx2,bmi,bmi2,popcnt,prefer-vector-width=512"
+
+// 1 bit, with intrinsics: the compiler does not turn the sign codes into a compare mask (one
+// instruction here) by itself. Same operations as the generic body: code = !(x < 0) (an unordered
+// "not less than": 1 for NaN and -0.0), a_i = min(rint(|x| * unit), 2^24) summed in integers.
+// Only chunks whose max and unit are finite take this path (no NaN product); the others, and a
+// chunk's last partial block, run the generic code.
+template <class Block>
+GCOMP_ALWAYS_INLINE void pack_sign_unit(const PackTask& t, Block full_block) {
+  for (int64_t start = t.begin; start < t.end; start += t.chunk) {
+    const int64_t n = std::min(t.chunk, t.end - start);
+    const float* x = t.layer + start;
+    const float top = quantize::chunk_max_from_bits(largest_magnitude_bits(x, n));
+    const float unit = quantize::sign_unit(top);
+    uint8_t* out = t.codes + start / 8;
+    int64_t fixed_sum = 0;
+    int64_t b = 0;
+    if (quantize::regular_chunk(top, unit)) {
+      for (; b + kBlock <= n; b += kBlock) fixed_sum += full_block(x + b, unit, out + b / 8);
+    }
+    for (; b < n; b += kBlock) {
+      fixed_sum += quantize_block<1, false, false>(x + b, std::min(kBlock, n - b), unit, 0, 0, out + b / 8);
+    }
+    const float scale = quantize::sign_scale(static_cast<double>(fixed_sum), top, n);
+    std::memcpy(t.scales + start / t.chunk * 4, &scale, 4);
+  }
+}
+
+__attribute__((target(GCOMP_QUANTIZE_AVX512))) inline int32_t sign_block_avx512(const float* x, float unit,
+                                                                                uint8_t* out) {
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 units = _mm512_set1_ps(unit);
+  const __m512 one = _mm512_set1_ps(quantize::kSignScaleOne);
+  __m512i sum = _mm512_setzero_si512();
+  for (int k = 0; k < kBlock / 16; ++k) {
+    const __m512 v = _mm512_loadu_ps(x + 16 * k);
+    const uint16_t codes = static_cast<uint16_t>(_mm512_cmp_ps_mask(v, zero, _CMP_NLT_UQ));
+    std::memcpy(out + 2 * k, &codes, 2);
+    const __m512 rounded = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_abs_ps(v), units), _MM_FROUND_TO_NEAREST_INT);
+    sum = _mm512_add_epi32(sum, _mm512_cvttps_epi32(_mm512_min_ps(rounded, one)));
+  }
+  return _mm512_reduce_add_epi32(sum);
+}
+
+__attribute__((target(GCOMP_QUANTIZE_AVX2))) inline int32_t sign_block_avx2(const float* x, float unit, uint8_t* out) {
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 units = _mm256_set1_ps(unit);
+  const __m256 one = _mm256_set1_ps(quantize::kSignScaleOne);
+  __m256i sum = _mm256_setzero_si256();
+  for (int k = 0; k < kBlock / 8; ++k) {
+    const __m256 v = _mm256_loadu_ps(x + 8 * k);
+    out[k] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NLT_UQ)));
+    const __m256 product = _mm256_mul_ps(_mm256_and_ps(v, magnitude), units);
+    const __m256 rounded = _mm256_round_ps(product, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    sum = _mm256_add_epi32(sum, _mm256_cvttps_epi32(_mm256_min_ps(rounded, one)));
+  }
+  const __m128i half = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+  const __m128i quarter = _mm_add_epi32(half, _mm_shuffle_epi32(half, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(quarter, _mm_shuffle_epi32(quarter, 0xB1)));
+}
+
+// 2 and 4 bits, round to nearest, AVX-512: in a regular chunk rint(x * inverse) lies in
+// [-levels, levels], so the conversion under the default rounding mode (nearest even) is rint
+// itself, and no clamp or NaN rule applies (see quantize::regular_chunk). Codes are narrowed and
+// interleaved with shifts inside 64-bit lanes.
+template <int Bits>
+__attribute__((target(GCOMP_QUANTIZE_AVX512))) inline void nearest_block_avx512(const float* x, float inverse,
+                                                                                uint8_t* out) {
+  const __m512 inverses = _mm512_set1_ps(inverse);
+  const __m512i level = _mm512_set1_epi32(levels(Bits));
+  for (int k = 0; k < kBlock / 16; ++k) {
+    const __m512i code = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 16 * k), inverses)), level);
+    if constexpr (Bits == 4) {  // 64-bit lane = c0 | c1 << 32  ->  low byte c0 | c1 << 4
+      const __m512i pairs = _mm512_or_si512(code, _mm512_srli_epi64(code, 28));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + 8 * k), _mm512_cvtepi64_epi8(pairs));
+    } else {  // bytes c0..c3 of a 32-bit lane  ->  c0 | c1 << 2 | c2 << 4 | c3 << 6
+      static_assert(Bits == 2, "bits");
+      const __m128i bytes = _mm512_cvtepi32_epi8(code);
+      const __m128i packed = _mm_or_si128(_mm_or_si128(bytes, _mm_srli_epi32(bytes, 6)),
+                                          _mm_or_si128(_mm_srli_epi32(bytes, 12), _mm_srli_epi32(bytes, 18)));
+      const int32_t word = _mm_cvtsi128_si32(_mm_cvtepi32_epi8(packed));
+      std::memcpy(out + 4 * k, &word, 4);
+    }
+  }
+}
+
+template <int Bits>
+__attribute__((target(GCOMP_QUANTIZE_AVX512))) inline void pack_nearest_unit_avx512(const PackTask& t) {
+  for (int64_t start = t.begin; start < t.end; start += t.chunk) {
+    const int64_t n = std::min(t.chunk, t.end - start);
+    const float* x = t.layer + start;
+    const float top = quantize::chunk_max_from_bits(largest_magnitude_bits(x, n));
+    const float inverse = quantize::quantize_inverse(top, levels(Bits));
+    uint8_t* out = t.codes + start / 8 * Bits;
+    int64_t b = 0;
+    if (quantize::regular_chunk(top, inverse)) {
+      for (; b + kBlock <= n; b += kBlock) nearest_block_avx512<Bits>(x + b, inverse, out + b / 8 * Bits);
+      for (; b < n; b += kBlock) {
+        quantize_block<Bits, false, true>(x + b, std::min(kBlock, n - b), inverse, 0, 0, out + b / 8 * Bits);
+      }
+    } else {
+      for (; b < n; b += kBlock) {
+        quantize_block<Bits, false, false>(x + b, std::min(kBlock, n - b), inverse, 0, 0, out + b / 8 * Bits);
+      }
+    }
+    std::memcpy(t.scales + start / t.chunk * 4, &top, 4);
+  }
+}
+
 __attribute__((target(GCOMP_QUANTIZE_AVX2))) inline void pack_unit_avx2(const PackTask& t, int bits) {
+  if (bits == 1) return pack_sign_unit(t, sign_block_avx2);
   pack_unit_dispatch(t, bits);
 }
 __attribute__((target(GCOMP_QUANTIZE_AVX2))) inline void unpack_unit_avx2(const UnpackTask& t, int bits) {
   unpack_unit_dispatch(t, bits);
 }
 __attribute__((target(GCOMP_QUANTIZE_AVX512))) inline void pack_unit_avx512(const PackTask& t, int bits) {
+  if (bits == 1) return pack_sign_unit(t, sign_block_avx512);
+  if (bits == 2 && !t.stochastic) return pack_nearest_unit_avx512<2>(t);
+  if (bits == 4 && !t.stochastic) return pack_nearest_unit_avx512<4>(t);
   pack_unit_dispatch(t, bits);
 }
 __attribute__((target(GCOMP_QUANTIZE_AVX512))) inline void unpack_unit_avx512(const UnpackTask& t, int bits) {
