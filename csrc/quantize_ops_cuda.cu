@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -70,7 +71,10 @@ void quantize_unpack_add_cuda(const at::Tensor& out, const at::Tensor& messages_
   check_quantize_layers_disjoint(op, layout);
   if (n_messages == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
-  const at::Tensor messages = messages_in.contiguous();
+  // The kernels read scales (and 32-bit codes) as aligned floats: a view starting at an odd byte
+  // is copied to fresh (aligned) memory first.
+  at::Tensor messages = messages_in.contiguous();
+  if (reinterpret_cast<uintptr_t>(messages.const_data_ptr()) % 8 != 0) messages = messages.clone();
   const QuantizeDescriptors descriptors = describe_quantize(layout, c10::nullopt, out.device());
   C10_CUDA_CHECK(cuda::launch_quantize_unpack_add(
       static_cast<int32_t>(bits), out.data_ptr<float>(), messages.const_data_ptr<uint8_t>(), n_messages,

@@ -864,4 +864,6 @@ def quantize_unpack_add_(
     description = describe_quantize(offsets, layout)
     layers = _upload(description.layers, out.device)
     flat = messages.contiguous().view(-1)
+    if flat.data_ptr() % 8:  # the kernels read scales as aligned floats
+        flat = flat.clone()
     run(quantize_unpack_launches(out, flat, n_messages, layers, description, bits, weight), out.device, QUANTIZE_KERNEL_SOURCE)

@@ -353,16 +353,19 @@ GCOMP_ALWAYS_INLINE void pack_sign_unit(const PackTask& t, Block full_block) {
 
 __attribute__((target(GCOMP_QUANTIZE_AVX512))) inline int32_t sign_block_avx512(const float* x, float unit,
                                                                                 uint8_t* out) {
+  // (Relies on the default MXCSR rounding, nearest even, as every float operation here does.)
   const __m512 zero = _mm512_setzero_ps();
   const __m512 units = _mm512_set1_ps(unit);
-  const __m512 one = _mm512_set1_ps(quantize::kSignScaleOne);
+  const __m512i one = _mm512_set1_epi32(1 << 24);
   __m512i sum = _mm512_setzero_si512();
   for (int k = 0; k < kBlock / 16; ++k) {
     const __m512 v = _mm512_loadu_ps(x + 16 * k);
     const uint16_t codes = static_cast<uint16_t>(_mm512_cmp_ps_mask(v, zero, _CMP_NLT_UQ));
     std::memcpy(out + 2 * k, &codes, 2);
-    const __m512 rounded = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_abs_ps(v), units), _MM_FROUND_TO_NEAREST_INT);
-    sum = _mm512_add_epi32(sum, _mm512_cvttps_epi32(_mm512_min_ps(rounded, one)));
+    // rint and the conversion in one (the default rounding mode is nearest even); the product is
+    // at most 2^24 (1 + 2^-24)^2, so the integer min is the clamp.
+    const __m512i fixed = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_abs_ps(v), units));
+    sum = _mm512_add_epi32(sum, _mm512_min_epi32(fixed, one));
   }
   return _mm512_reduce_add_epi32(sum);
 }
@@ -371,14 +374,13 @@ __attribute__((target(GCOMP_QUANTIZE_AVX2))) inline int32_t sign_block_avx2(cons
   const __m256 zero = _mm256_setzero_ps();
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256 units = _mm256_set1_ps(unit);
-  const __m256 one = _mm256_set1_ps(quantize::kSignScaleOne);
+  const __m256i one = _mm256_set1_epi32(1 << 24);
   __m256i sum = _mm256_setzero_si256();
   for (int k = 0; k < kBlock / 8; ++k) {
     const __m256 v = _mm256_loadu_ps(x + 8 * k);
     out[k] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NLT_UQ)));
     const __m256 product = _mm256_mul_ps(_mm256_and_ps(v, magnitude), units);
-    const __m256 rounded = _mm256_round_ps(product, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    sum = _mm256_add_epi32(sum, _mm256_cvttps_epi32(_mm256_min_ps(rounded, one)));
+    sum = _mm256_add_epi32(sum, _mm256_min_epi32(_mm256_cvtps_epi32(product), one));  // as above
   }
   const __m128i half = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
   const __m128i quarter = _mm_add_epi32(half, _mm_shuffle_epi32(half, 0x4E));
@@ -394,19 +396,24 @@ __attribute__((target(GCOMP_QUANTIZE_AVX512))) inline void nearest_block_avx512(
                                                                                 uint8_t* out) {
   const __m512 inverses = _mm512_set1_ps(inverse);
   const __m512i level = _mm512_set1_epi32(levels(Bits));
+  __m128i bytes[kBlock / 16];
   for (int k = 0; k < kBlock / 16; ++k) {
     const __m512i code = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 16 * k), inverses)), level);
     if constexpr (Bits == 4) {  // 64-bit lane = c0 | c1 << 32  ->  low byte c0 | c1 << 4
       const __m512i pairs = _mm512_or_si512(code, _mm512_srli_epi64(code, 28));
       _mm_storel_epi64(reinterpret_cast<__m128i*>(out + 8 * k), _mm512_cvtepi64_epi8(pairs));
-    } else {  // bytes c0..c3 of a 32-bit lane  ->  c0 | c1 << 2 | c2 << 4 | c3 << 6
-      static_assert(Bits == 2, "bits");
-      const __m128i bytes = _mm512_cvtepi32_epi8(code);
-      const __m128i packed = _mm_or_si128(_mm_or_si128(bytes, _mm_srli_epi32(bytes, 6)),
-                                          _mm_or_si128(_mm_srli_epi32(bytes, 12), _mm_srli_epi32(bytes, 18)));
-      const int32_t word = _mm_cvtsi128_si32(_mm_cvtepi32_epi8(packed));
-      std::memcpy(out + 4 * k, &word, 4);
+    } else {
+      bytes[k] = _mm512_cvtepi32_epi8(code);  // the block's 64 codes, one byte each
     }
+  }
+  if constexpr (Bits == 2) {  // bytes c0..c3 of a 32-bit lane  ->  c0 | c1 << 2 | c2 << 4 | c3 << 6
+    __m512i all = _mm512_castsi128_si512(bytes[0]);
+    all = _mm512_inserti32x4(all, bytes[1], 1);
+    all = _mm512_inserti32x4(all, bytes[2], 2);
+    all = _mm512_inserti32x4(all, bytes[3], 3);
+    const __m512i packed = _mm512_or_si512(_mm512_or_si512(all, _mm512_srli_epi32(all, 6)),
+                                           _mm512_or_si512(_mm512_srli_epi32(all, 12), _mm512_srli_epi32(all, 18)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(packed));
   }
 }
 
