@@ -1,4 +1,4 @@
-"""Kernel benchmark: native top-k pack/unpack vs the pure-torch twin vs a plain memcpy.
+"""Kernel benchmark: native top-k and quantize pack/unpack vs the pure-torch twin vs a plain memcpy.
 
 Why: the sparse codec only pays off if packing costs little next to moving the dense bytes. The
 memcpy column (``Tensor.copy_`` of the same number of bytes) is the yardstick measured in the
@@ -18,6 +18,13 @@ prints one table per level. The CPU model and the levels measured head the outpu
     python benchmarks/bench_kernels.py --quick                 # 1M and 4M elements (CI)
     python benchmarks/bench_kernels.py --json runs/kernels.json
     python benchmarks/bench_kernels.py --levels avx512 avx2 portable --json runs/kernels.json
+    python benchmarks/bench_kernels.py --quantize --threads 2 --json runs/quantize_kernels.json
+
+``--quantize`` measures the quantized message kernels instead (``gcomp.ops.quantize_pack`` and
+``quantize_unpack_add_``; bits 1, 2, 4, 8, one scale per ``--chunk`` entries, round to nearest).
+There both directions are compared with a memcpy of the dense float32 buffer: pack reads it, and
+unpack reads and writes it (adding ``--messages`` decoded messages), so GB/s is float32 bytes of
+the buffer per second for both.
 """
 from __future__ import annotations
 
@@ -32,11 +39,13 @@ from typing import Callable
 import torch
 
 from gcomp import ops
+from gcomp.compress import quantize as quantize_reference
 from gcomp.compress import sparse as reference
 
 FULL_SIZES = [1 << 20, 1 << 22, 1 << 24, 1 << 26]
 QUICK_SIZES = [1 << 20, 1 << 22]
 DENSITIES = [0.001, 0.01, 0.1]
+QUANTIZE_BITS = [1, 2, 4, 8]
 
 
 def time_calls(functions: list[Callable[[], object]], repeats: int) -> list[dict[str, float]]:
@@ -157,6 +166,119 @@ def bench_case(numel: int, density: float, n_messages: int, repeats: int, twin_r
     return row
 
 
+def bench_quantize_case(numel: int, bits: int, chunk: int, n_messages: int, repeats: int, twin_repeats: int,
+                        level: str | None = None, twin: dict | None = None) -> dict:
+    """One quantize case at one SIMD level: pack of a ``numel``-entry float32 layer, and the
+    unpack-add of ``n_messages`` messages into it, each alternating with a memcpy of the buffer."""
+    generator = torch.Generator().manual_seed(0)
+    buffer = torch.randn(numel, generator=generator)
+    layer = ([0], [numel], bits, chunk)
+    native = ops.native_available()
+    row: dict = {"numel": numel, "bits": bits, "chunk": chunk, "messages": n_messages}
+    if native:
+        row["simd_level"] = with_simd_level(level, ops.simd_level)()
+    pack = quantize_reference.quantize_pack if not native else (lambda *a: torch.ops.gcomp.quantize_pack(*a, None))
+    message = pack(buffer, *layer)
+    row["message_bytes"] = message.numel()
+    messages = torch.stack([message] + [pack(torch.randn(numel, generator=generator), *layer) for _ in range(n_messages - 1)])
+    out = torch.zeros(numel)
+    dense_copy = torch.empty_like(buffer)
+    n_bytes = buffer.numel() * buffer.element_size()
+    timings = {}
+    if twin is not None:
+        timings["pack_twin"], timings["unpack_twin"] = twin["pack_twin"], twin["unpack_twin"]
+    else:
+        timings["pack_twin"], timings["unpack_twin"] = time_calls(
+            [lambda: quantize_reference.quantize_pack(buffer, *layer),
+             lambda: quantize_reference.quantize_unpack_add_(out, messages, *layer, 0.25)],
+            twin_repeats,
+        )
+    for op, kernel in (
+        ("pack", with_simd_level(level, lambda: torch.ops.gcomp.quantize_pack(buffer, *layer, None))),
+        ("unpack", with_simd_level(level, lambda: torch.ops.gcomp.quantize_unpack_add_(out, messages, *layer, 0.25))),
+    ):
+        memcpy = lambda: dense_copy.copy_(buffer)  # noqa: E731 (the same yardstick for both)
+        results = time_calls([memcpy, kernel] if native else [memcpy], repeats)
+        timings[f"{op}_memcpy"] = results[0]
+        if native:
+            timings[f"{op}_native"] = results[1]
+    for name, timing in timings.items():
+        row[name] = {**{k: v for k, v in timing.items() if k != "gb_per_s"},
+                     "gb_per_s": gigabytes_per_second(n_bytes, timing["best_ms"])}
+    if native:
+        for op in ("pack", "unpack"):
+            row[f"{op}_speedup_vs_twin"] = row[f"{op}_twin"]["best_ms"] / row[f"{op}_native"]["best_ms"]
+            row[f"{op}_fraction_of_memcpy"] = row[f"{op}_memcpy"]["best_ms"] / row[f"{op}_native"]["best_ms"]
+    return row
+
+
+def quantize_markdown_table(rows: list[dict]) -> str:
+    def cell(row: dict, key: str) -> str:
+        return f"{row[key]['gb_per_s']:.2f}" if key in row else "-"
+
+    def ratio(row: dict, key: str) -> str:
+        return f"{row[key]:.1f}x" if key in row else "-"
+
+    def percent(row: dict, key: str) -> str:
+        return f"{100 * row[key]:.0f}%" if key in row else "-"
+
+    lines = [
+        "| elements | bits | message bytes | pack native GB/s | pack twin GB/s | memcpy GB/s | pack native/twin "
+        "| pack native/memcpy | unpack native GB/s | unpack twin GB/s | memcpy GB/s | unpack native/twin "
+        "| unpack native/memcpy |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['numel'] / 2**20:g}M | {row['bits']} | {row['message_bytes']} | {cell(row, 'pack_native')} "
+            f"| {cell(row, 'pack_twin')} | {cell(row, 'pack_memcpy')} | {ratio(row, 'pack_speedup_vs_twin')} "
+            f"| {percent(row, 'pack_fraction_of_memcpy')} | {cell(row, 'unpack_native')} | {cell(row, 'unpack_twin')} "
+            f"| {cell(row, 'unpack_memcpy')} | {ratio(row, 'unpack_speedup_vs_twin')} "
+            f"| {percent(row, 'unpack_fraction_of_memcpy')} |"
+        )
+    return "\n".join(lines)
+
+
+def main_quantize(args: argparse.Namespace, levels: list[str | None]) -> None:
+    model = cpu_model()
+    print(f"CPU: {model} ({os.cpu_count()} logical CPUs; flags: {' '.join(cpu_simd_flags()) or '-'}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("SIMD levels measured: " + ", ".join(with_simd_level(level, ops.simd_level)() for level in levels))
+    rows = []
+    for numel in QUICK_SIZES if args.quick else FULL_SIZES:
+        large = numel >= 1 << 26  # the twin takes seconds here: time it once
+        repeats = args.repeats if args.repeats is not None else max(4, (1 << 28) // numel)
+        for bits in QUANTIZE_BITS:
+            twin = None
+            for level in levels:
+                row = bench_quantize_case(numel, bits, args.chunk, args.messages, repeats=repeats,
+                                          twin_repeats=1 if large else 5, level=level, twin=twin)
+                twin = twin or {"pack_twin": row["pack_twin"], "unpack_twin": row["unpack_twin"]}
+                rows.append(row)
+    report = {
+        "benchmark": "quantize pack/unpack kernels",
+        "native_available": ops.native_available(),
+        "simd_levels": [with_simd_level(level, ops.simd_level)() for level in levels],
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "cpu_model": model,
+        "cpu_simd_flags": cpu_simd_flags(),
+        "chunk": args.chunk,
+        "rounding": "nearest",
+        "throughput_unit": "GB/s of the dense float32 buffer (read by pack; read and written by unpack, "
+                           f"which adds {args.messages} messages); memcpy copies that buffer",
+        "results": rows,
+    }
+    for level in levels:
+        name = with_simd_level(level, ops.simd_level)()
+        print(f"\nSIMD level: {name}")
+        print(quantize_markdown_table([row for row in rows if row.get("simd_level", "none") == name]))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+
+
 def markdown_table(rows: list[dict]) -> str:
     def cell(row: dict, key: str) -> str:
         return f"{row[key]['gb_per_s']:.2f}" if key in row else "-"
@@ -196,12 +318,17 @@ def main() -> None:
         "--levels", nargs="+", choices=["avx512", "avx2", "portable"], default=None,
         help="SIMD levels to measure, one table each (default: the level that runs without GCOMP_SIMD)",
     )
+    parser.add_argument("--quantize", action="store_true", help="measure the quantize kernels (bits 1, 2, 4, 8)")
+    parser.add_argument("--chunk", type=int, default=256, help="entries per scale for --quantize")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     levels: list[str | None] = list(args.levels) if args.levels else [None]
     if not ops.native_available():
         levels = [None]
+    if args.quantize:
+        main_quantize(args, levels)
+        return
 
     model = cpu_model()
     print(f"CPU: {model} ({os.cpu_count()} logical CPUs; flags: {' '.join(cpu_simd_flags()) or '-'}), "

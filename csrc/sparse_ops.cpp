@@ -2124,6 +2124,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_unpack_meta(const at::Tensor& messages
 
 }  // namespace
 
+// The active SIMD level as an integer (0 portable, 1 AVX2, 2 AVX-512), for the quantize kernels
+// (quantize_ops.cpp), so that one GCOMP_SIMD switch governs every native CPU kernel.
+int current_simd_level() { return static_cast<int>(active_simd_level()); }
+
 TORCH_LIBRARY(gcomp, m) {
   m.def(
       "topk_pack(Tensor buffer, int[] offsets, int[] numels, int[] ks, ScalarType value_dtype) "

@@ -1,8 +1,9 @@
-"""The CUDA kernels of the sparse message ops without a CUDA build of ``gcomp._C``.
+"""The CUDA kernels of the sparse and quantized message ops without a CUDA build of ``gcomp._C``.
 
 When gcomp was installed with a CPU toolchain (or no nvcc), ``gcomp._C`` holds CPU kernels only.
-If cupy is installed and can drive the GPU, the same ``csrc/sparse_kernels.cu`` that a
-CUDAExtension would compile is compiled here at first use by NVRTC (CUDA's run-time compiler),
+If cupy is installed and can drive the GPU, the same ``csrc/sparse_kernels.cu`` and
+``csrc/quantize_kernels.cu`` that a CUDAExtension would compile are compiled here at first use
+by NVRTC (CUDA's run-time compiler), one program per source file,
 loaded through ``cupy.RawModule`` and launched on torch's current CUDA stream, on torch's own
 memory (zero-copy via DLPack). The bytes and sums are those of the compiled kernels: only the
 host side differs, and it mirrors ``launch_*`` in ``csrc/sparse_kernels.cu`` launch by launch
@@ -35,11 +36,14 @@ from typing import Any, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
+from gcomp.compress import quantize as quantize_reference
 from gcomp.compress import sparse as reference
 
 logger = logging.getLogger(__name__)
 
 KERNEL_SOURCE = "sparse_kernels.cu"
+QUANTIZE_KERNEL_SOURCE = "quantize_kernels.cu"
+KERNEL_SOURCES = (KERNEL_SOURCE, QUANTIZE_KERNEL_SOURCE)
 KERNEL_NAMESPACE = "gcomp::cuda::rtc::"  # the kernels' namespace when __CUDACC_RTC__ is defined
 
 # Mirrors of constants in csrc/sparse_kernels.cu and csrc/include/gcomp/*.h (a test compares them).
@@ -52,6 +56,8 @@ INDEX_GROUP = 8  # format::kIndexGroup
 RADIX_STATE_BYTES = 24  # sizeof(RadixState): prefix, mask, remaining
 WORKSPACE_ALIGN = 256  # align_up
 MAX_MESSAGES = 65535  # grid.y limit of the decode launches
+QUANTIZE_THREADS = 256  # kQuantizeThreads
+QUANTIZE_MAX_GRID_BLOCKS = 1 << 20  # kQuantizeMaxGridBlocks
 _INT32_MAX = (1 << 31) - 1
 
 # format::FloatKind, and the C++ type each torch dtype is read as.
@@ -108,6 +114,24 @@ _DECODE_ERRORS = {
 }
 _NO_DECODE_FAILURE = (1 << 64) - 1
 
+# csrc/include/gcomp/quantize_kernels.h, byte for byte.
+QUANTIZE_LAYER = np.dtype(
+    {
+        "names": ["offset", "numel", "first_tile", "scale_offset", "code_offset", "seed", "reserved"],
+        "formats": ["<i8"] * 5 + ["<u4", "<i4"],
+        "offsets": [0, 8, 16, 24, 32, 40, 44],
+        "itemsize": 48,
+    }
+)
+QUANTIZE_PLAN = np.dtype(
+    {
+        "names": ["n_layers", "total_tiles", "chunk", "message_bytes"],
+        "formats": ["<i8"] * 4,
+        "offsets": [0, 8, 16, 24],
+        "itemsize": 32,
+    }
+)
+
 
 class KernelsUnavailable(RuntimeError):
     """The NVRTC kernels could not be built or loaded (already logged); callers fall back."""
@@ -132,6 +156,9 @@ def kernel_root() -> Optional[Path]:
 
 
 _failure: Optional[str] = None  # set when building the kernels failed: do not try again
+# Per source file: a failure to build the quantize kernels leaves the sparse ones usable (and the
+# quantize ops fall back to the twin through KernelsUnavailable).
+_source_failures: dict[str, str] = {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -167,8 +194,25 @@ def available(device: torch.device | str | None = None) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
-def kernel_name_expressions() -> list[str]:
-    """Every kernel (template instantiation) the launch plans use, as NVRTC name expressions."""
+# (bits, stochastic) instantiations of quantize_pack_kernel the launcher uses.
+QUANTIZE_PACK_VARIANTS = ((1, False), (2, False), (2, True), (4, False), (4, True), (8, False), (8, True), (32, False))
+
+
+def _quantize_pack_name(bits: int, stochastic: bool) -> str:
+    return f"quantize_pack_kernel<{bits}, {'true' if stochastic else 'false'}>"
+
+
+def _quantize_unpack_name(bits: int) -> str:
+    return f"quantize_unpack_add_kernel<{bits}>"
+
+
+def kernel_name_expressions(source: str = KERNEL_SOURCE) -> list[str]:
+    """Every kernel (template instantiation) the launch plans of ``source`` use, as NVRTC name
+    expressions."""
+    if source == QUANTIZE_KERNEL_SOURCE:
+        names = [_quantize_pack_name(bits, stochastic) for bits, stochastic in QUANTIZE_PACK_VARIANTS]
+        names += [_quantize_unpack_name(bits) for bits in quantize_reference.QUANTIZE_BITS]
+        return [KERNEL_NAMESPACE + name for name in names]
     names = [
         "init_radix_kernel",
         "radix_pick_digit_kernel",
@@ -233,23 +277,26 @@ def _arch_option(nvrtc: Any, capability: int) -> tuple[str, str]:
     return f"-arch=compute_{max(older) if older else min(supported)}", "ptx"  # the driver JITs PTX
 
 
-def compile_kernels(nvrtc: Any, capability: int, root: Path, cccl_dirs: Sequence[str]) -> tuple[bytes, str, dict[str, str]]:
-    """Compiles ``sparse_kernels.cu``; returns (binary, "cubin"/"ptx", name expression -> symbol).
+def compile_kernels(
+    nvrtc: Any, capability: int, root: Path, cccl_dirs: Sequence[str], source_name: str = KERNEL_SOURCE
+) -> tuple[bytes, str, dict[str, str]]:
+    """Compiles ``source_name`` (``sparse_kernels.cu`` or ``quantize_kernels.cu``); returns
+    (binary, "cubin"/"ptx", name expression -> symbol).
 
     ``nvrtc`` is cupy's binding (``cupy.cuda.nvrtc``) or anything with the same functions.
     """
-    source = (root / KERNEL_SOURCE).read_text(encoding="utf-8")
+    source = (root / source_name).read_text(encoding="utf-8")
     arch, kind = _arch_option(nvrtc, capability)
     options = tuple(compile_options(root, cccl_dirs)) + (arch,)
-    names = kernel_name_expressions()
-    program = nvrtc.createProgram(source, KERNEL_SOURCE, (), ())
+    names = kernel_name_expressions(source_name)
+    program = nvrtc.createProgram(source, source_name, (), ())
     try:
         for name in names:
             nvrtc.addNameExpression(program, name)
         try:
             nvrtc.compileProgram(program, options)
         except Exception as error:
-            raise RuntimeError(f"NVRTC failed to compile {KERNEL_SOURCE} ({error}):\n{nvrtc.getProgramLog(program)}") from None
+            raise RuntimeError(f"NVRTC failed to compile {source_name} ({error}):\n{nvrtc.getProgramLog(program)}") from None
         lowered = {name: nvrtc.getLoweredName(program, name) for name in names}
         binary = nvrtc.getCUBIN(program) if kind == "cubin" else nvrtc.getPTX(program)
     finally:
@@ -269,11 +316,12 @@ def _cache_dir() -> Path:
         return Path(tempfile.mkdtemp(prefix="gcomp-nvrtc-"))
 
 
-def _cache_key(nvrtc: Any, capability: int, root: Path, cccl_dirs: Sequence[str]) -> str:
+def _cache_key(nvrtc: Any, capability: int, root: Path, cccl_dirs: Sequence[str], source_name: str = KERNEL_SOURCE) -> str:
     digest = hashlib.sha256()
-    for path in [root / KERNEL_SOURCE, *sorted((root / "include" / "gcomp").glob("*.h"))]:
+    for path in [root / source_name, *sorted((root / "include" / "gcomp").glob("*.h"))]:
         digest.update(path.read_bytes())
-    digest.update(repr((compile_options(root, cccl_dirs), capability, nvrtc.getVersion(), kernel_name_expressions())).encode())
+    names = kernel_name_expressions(source_name)
+    digest.update(repr((compile_options(root, cccl_dirs), capability, nvrtc.getVersion(), names)).encode())
     return digest.hexdigest()[:32]
 
 
@@ -286,27 +334,27 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 _kernels_lock = threading.Lock()
-_kernels_by_device: dict[int, dict[str, Any]] = {}
+_kernels_by_device: dict[tuple[int, str], dict[str, Any]] = {}
 
 
-def _load_kernels(device_index: int) -> dict[str, Any]:
+def _load_kernels(device_index: int, source_name: str = KERNEL_SOURCE) -> dict[str, Any]:
     """name expression -> cupy RawKernel for one GPU (compiled, or taken from the disk cache)."""
     import cupy
     from cupy.cuda import nvrtc
 
     root = kernel_root()
-    if root is None:
-        raise RuntimeError(f"{KERNEL_SOURCE} is not shipped with gcomp")
+    if root is None or not (root / source_name).is_file():
+        raise RuntimeError(f"{source_name} is not shipped with gcomp")
     major, minor = torch.cuda.get_device_capability(device_index)
     capability = 10 * major + minor
     cccl_dirs = cccl_include_dirs()
-    key = _cache_key(nvrtc, capability, root, cccl_dirs)
+    key = _cache_key(nvrtc, capability, root, cccl_dirs, source_name)
     cache = _cache_dir()
     names_path = cache / f"{key}.json"  # written last: its presence means the binary is complete
     entry = json.loads(names_path.read_text()) if names_path.is_file() else None
     if entry is None or not (cache / f"{key}.{entry['kind']}").is_file():
-        logger.info("compiling %s with NVRTC for sm_%d (once; cached in %s)", KERNEL_SOURCE, capability, cache)
-        binary, kind, lowered = compile_kernels(nvrtc, capability, root, cccl_dirs)
+        logger.info("compiling %s with NVRTC for sm_%d (once; cached in %s)", source_name, capability, cache)
+        binary, kind, lowered = compile_kernels(nvrtc, capability, root, cccl_dirs, source_name)
         _write_atomically(cache / f"{key}.{kind}", binary)
         entry = {"kind": kind, "lowered": lowered}
         _write_atomically(names_path, json.dumps(entry).encode())
@@ -316,21 +364,28 @@ def _load_kernels(device_index: int) -> dict[str, Any]:
         return {name: module.get_function(symbol) for name, symbol in lowered.items()}
 
 
-def kernels(device: torch.device) -> dict[str, Any]:
-    """The loaded kernels for ``device``; raises KernelsUnavailable (once logged) on failure."""
+def kernels(device: torch.device, source: str = KERNEL_SOURCE) -> dict[str, Any]:
+    """The loaded kernels of ``source`` for ``device``; raises KernelsUnavailable (once logged) on
+    failure. A failed sparse build turns the whole NVRTC path off (``available()`` is then False);
+    a failed quantize build only sends the quantize ops to the twin."""
     global _failure
     index = device.index if device.index is not None else torch.cuda.current_device()
     with _kernels_lock:
         if _failure is not None:
             raise KernelsUnavailable(_failure)
-        if index not in _kernels_by_device:
+        if source in _source_failures:
+            raise KernelsUnavailable(_source_failures[source])
+        if (index, source) not in _kernels_by_device:
             try:
-                _kernels_by_device[index] = _load_kernels(index)
+                _kernels_by_device[(index, source)] = _load_kernels(index, source)
             except Exception as error:
-                _failure = f"{type(error).__name__}: {error}"
-                logger.warning("NVRTC kernels unavailable, using the pure-torch ops on CUDA: %s", _failure)
-                raise KernelsUnavailable(_failure) from error
-        return _kernels_by_device[index]
+                failure = f"{type(error).__name__}: {error}"
+                if source == KERNEL_SOURCE:
+                    _failure = failure
+                _source_failures[source] = failure
+                logger.warning("NVRTC kernels of %s unavailable, using the pure-torch ops on CUDA: %s", source, failure)
+                raise KernelsUnavailable(failure) from error
+        return _kernels_by_device[(index, source)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -565,11 +620,12 @@ def _upload(records: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(records.view(np.uint8).copy()).to(device)
 
 
-def run(steps: Sequence, device: torch.device) -> None:
-    """Launches ``steps`` on torch's current stream of ``device``; tensors go in through DLPack."""
+def run(steps: Sequence, device: torch.device, source: str = KERNEL_SOURCE) -> None:
+    """Launches ``steps`` (kernels of ``source``) on torch's current stream of ``device``; tensors
+    go in through DLPack."""
     if not steps:
         return
-    table = kernels(device)
+    table = kernels(device, source)
     import cupy
     index = device.index if device.index is not None else torch.cuda.current_device()
     torch_stream = torch.cuda.current_stream(index)
@@ -685,3 +741,129 @@ def sparse_unpack(
     if messages.dim() == 1:
         return values[0], indices[0]
     return values, indices
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantized messages (csrc/quantize_kernels.cu)
+# ------------------------------------------------------------------------------------------------
+
+
+class QuantizeDescription(NamedTuple):
+    layers: np.ndarray  # QUANTIZE_LAYER records
+    plan: np.ndarray  # one QUANTIZE_PLAN record (shape (1,): passed by value)
+
+
+def describe_quantize(
+    offsets: Sequence[int], layout: quantize_reference.QuantizedMessageLayout, seeds: Optional[Sequence[int]] = None
+) -> QuantizeDescription:
+    """The QuantizeLayer array and QuantizePlan, as ``quantize_pack_cuda`` / ``quantize_unpack_add_cuda``
+    compute them: one tile per chunk (for 32 bits too, where tiles only split the copying)."""
+    records, tiles = [], 0
+    for layer, (offset, section) in enumerate(zip(offsets, layout.layers)):
+        seed = 0 if seeds is None else int(seeds[layer]) & 0xFFFFFFFF
+        records.append((offset, section.numel, tiles, section.scale_offset, section.code_offset, seed, 0))
+        tiles += ceil_div(section.numel, layout.chunk)
+    plan = np.array([(len(records), tiles, layout.chunk, layout.message_bytes)], dtype=QUANTIZE_PLAN)
+    return QuantizeDescription(np.array(records, dtype=QUANTIZE_LAYER), plan)
+
+
+def quantize_grid(tiles: int) -> int:
+    return min(max(tiles, 1), QUANTIZE_MAX_GRID_BLOCKS)
+
+
+def quantize_pack_launches(
+    buffer: torch.Tensor, layers: torch.Tensor, description: QuantizeDescription, bits: int, stochastic: bool, message: torch.Tensor
+) -> list:
+    """The launches of ``launch_quantize_pack``, in order (``message`` zero-filled)."""
+    plan = description.plan
+    tiles = int(plan["total_tiles"][0])
+    if int(plan["n_layers"][0]) == 0 or tiles == 0:
+        return []
+    stochastic = stochastic and bits in (2, 4, 8)
+    return [
+        Launch(
+            KERNEL_NAMESPACE + _quantize_pack_name(bits, stochastic),
+            (quantize_grid(tiles), 1, 1),
+            (QUANTIZE_THREADS, 1, 1),
+            (buffer, layers, plan, message),
+        )
+    ]
+
+
+def quantize_unpack_launches(
+    out: torch.Tensor, messages: torch.Tensor, n_messages: int, layers: torch.Tensor, description: QuantizeDescription, bits: int, weight: float
+) -> list:
+    """The launches of ``launch_quantize_unpack_add``: one, adding every message in order."""
+    plan = description.plan
+    tiles = int(plan["total_tiles"][0])
+    if int(plan["n_layers"][0]) == 0 or tiles == 0 or n_messages == 0:
+        return []
+    return [
+        Launch(
+            KERNEL_NAMESPACE + _quantize_unpack_name(bits),
+            (quantize_grid(tiles), 1, 1),
+            (QUANTIZE_THREADS, 1, 1),
+            (out, messages, np.int64(n_messages), layers, plan, np.float32(weight)),
+        )
+    ]
+
+
+def _check_quantize_buffer(op: str, tensor: torch.Tensor, name: str) -> None:
+    if tensor.dtype != torch.float32 or tensor.dim() != 1 or not tensor.is_contiguous():
+        raise ValueError(f"{op}: expected {name} to be a contiguous 1-D float32 tensor; got {tensor.dtype} of shape {tuple(tensor.shape)}")
+
+
+def _quantize_layout(op: str, extent: int, offsets: list[int], numels: list[int], bits: int, chunk: int):
+    if len(offsets) != len(numels):
+        raise ValueError(f"{op}: offsets and numels must have the same length (got {len(offsets)}, {len(numels)})")
+    try:
+        layout = quantize_reference.quantized_message_layout(numels, bits, chunk)
+    except ValueError as error:
+        raise ValueError(f"{op}: {error}") from None
+    for offset, numel in zip(offsets, numels):
+        if offset < 0 or offset + numel > extent:
+            raise ValueError(f"{op}: layer [{offset}, {offset + numel}) lies outside the buffer of {extent} entries")
+    return layout
+
+
+def quantize_pack(
+    buffer: torch.Tensor, offsets: list[int], numels: list[int], bits: int, chunk: int, seeds: Optional[list[int]] = None
+) -> torch.Tensor:
+    op = "gcomp.quantize_pack"
+    _check_quantize_buffer(op, buffer, "buffer")
+    layout = _quantize_layout(op, buffer.numel(), offsets, numels, bits, chunk)
+    if seeds is not None and len(seeds) != len(numels):
+        raise ValueError(f"{op}: one seed per layer expected ({len(numels)}); got {len(seeds)}")
+    description = describe_quantize(offsets, layout, seeds)
+    message = torch.zeros(layout.message_bytes, dtype=torch.uint8, device=buffer.device)  # padding stays zero
+    if not layout.layers:
+        return message
+    layers = _upload(description.layers, buffer.device)
+    steps = quantize_pack_launches(buffer, layers, description, bits, seeds is not None, message)
+    run(steps, buffer.device, QUANTIZE_KERNEL_SOURCE)
+    return message
+
+
+def quantize_unpack_add_(
+    out: torch.Tensor, messages: torch.Tensor, offsets: list[int], numels: list[int], bits: int, chunk: int, weight: float
+) -> None:
+    op = "gcomp.quantize_unpack_add_"
+    _check_quantize_buffer(op, out, "out")
+    layout = _quantize_layout(op, out.numel(), offsets, numels, bits, chunk)
+    if messages.dtype != torch.uint8 or layout.message_bytes == 0 or messages.numel() % layout.message_bytes:
+        raise ValueError(
+            f"{op}: messages must be uint8 holding whole messages of {layout.message_bytes} bytes; "
+            f"got {messages.dtype} with {messages.numel()} bytes"
+        )
+    if out.device != messages.device:
+        raise ValueError(f"{op}: out is on {out.device} but messages are on {messages.device}")
+    quantize_reference._check_disjoint(op, offsets, numels)
+    n_messages = messages.numel() // layout.message_bytes
+    if n_messages == 0:
+        return
+    description = describe_quantize(offsets, layout)
+    layers = _upload(description.layers, out.device)
+    flat = messages.contiguous().view(-1)
+    if flat.data_ptr() % 8:  # the kernels read scales as aligned floats
+        flat = flat.clone()
+    run(quantize_unpack_launches(out, flat, n_messages, layers, description, bits, weight), out.device, QUANTIZE_KERNEL_SOURCE)

@@ -1,7 +1,8 @@
-"""Sparse message ops: native kernels when available, else the pure-torch twins.
+"""Sparse and quantized message ops: native kernels when available, else the pure-torch twins.
 
 Four paths compute the same bytes and the same sums bit for bit (see ``gcomp.compress.sparse``
-for the format and the rules), so a job may mix ranks that run different ones:
+and ``gcomp.compress.quantize`` for the formats and the rules), so a job may mix ranks that run
+different ones:
 
 ``"compiled-cpu"`` / ``"compiled-cuda"``
     ``torch.ops.gcomp.*`` from the extension ``gcomp._C`` (CPU kernels always, CUDA kernels when it
@@ -11,7 +12,8 @@ for the format and the rules), so a job may mix ranks that run different ones:
     time) but cupy can drive the GPU: ``csrc/sparse_kernels.cu`` is compiled at run time with
     NVRTC (``gcomp.native_cupy``).
 ``"torch"``
-    the pure-torch reference twins (``gcomp.compress.sparse``), on any device.
+    the pure-torch reference twins (``gcomp.compress.sparse``, ``gcomp.compress.quantize``), on
+    any device.
 
 ``native_backend(device)`` says which one runs. Set ``GCOMP_NATIVE=0`` to force the pure-torch
 path everywhere (read at every call, so tests can flip it; the older ``GCOMP_DISABLE_NATIVE=1``
@@ -34,6 +36,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from gcomp.compress import quantize as quantize_reference
 from gcomp.compress import sparse as reference
 
 logger = logging.getLogger(__name__)
@@ -42,7 +45,7 @@ NATIVE_ENV = "GCOMP_NATIVE"
 # Before the GCOMP_* switches were unified, "GCOMP_DISABLE_NATIVE=1" turned native code off.
 DEPRECATED_DISABLE_NATIVE_ENV = "GCOMP_DISABLE_NATIVE"
 _OFF_VALUES = ("0", "false", "off", "no")
-_OP_NAMES = ("topk_pack", "sparse_unpack_add_", "sparse_unpack")
+_OP_NAMES = ("topk_pack", "sparse_unpack_add_", "sparse_unpack", "quantize_pack", "quantize_unpack_add_")
 
 BACKEND_COMPILED_CPU = "compiled-cpu"
 BACKEND_COMPILED_CUDA = "compiled-cuda"
@@ -169,6 +172,13 @@ def _route(tensor: torch.Tensor) -> str:
     return "torch"
 
 
+def _int_scalar(name: str, value: int) -> int:
+    """A plain int for an op's int argument; a bool is refused (``True`` is not 1 bit) as the twin does."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, not {value!r}")
+    return int(value)
+
+
 def _ints(values: Sequence[int]) -> list[int]:
     """Plain Python ints for the ops' int[] arguments (numpy or tensor scalars are refused there)."""
     return [int(value) for value in values]
@@ -228,10 +238,42 @@ def sparse_unpack_fake(messages, offsets, numels, ks, value_dtype):
     return messages.new_empty(shape, dtype=value_dtype), messages.new_empty(shape, dtype=torch.int64)
 
 
+def _quantize_fake_layout(op: str, numels: Sequence[int], bits: int, chunk: int):
+    try:
+        return quantize_reference.quantized_message_layout(numels, bits, chunk)
+    except ValueError as error:
+        raise ValueError(f"{op}: {error}") from None
+
+
+def quantize_pack_fake(buffer, offsets, numels, bits, chunk, seeds=None):
+    op = "gcomp.quantize_pack"
+    if buffer.dtype != torch.float32 or buffer.dim() != 1:
+        raise ValueError(f"{op}: buffer must be a 1-D float32 tensor")
+    if len(offsets) != len(numels):
+        raise ValueError(f"{op}: offsets and numels must have the same length (got {len(offsets)}, {len(numels)})")
+    layout = _quantize_fake_layout(op, numels, bits, chunk)
+    if seeds is not None and len(seeds) != len(numels):
+        raise ValueError(f"{op}: one seed per layer expected ({len(numels)}); got {len(seeds)}")
+    return buffer.new_empty((layout.message_bytes,), dtype=torch.uint8)
+
+
+def quantize_unpack_add_fake(out, messages, offsets, numels, bits, chunk, weight=1.0):
+    op = "gcomp.quantize_unpack_add_"
+    if out.dtype != torch.float32 or out.dim() != 1:
+        raise ValueError(f"{op}: out must be a 1-D float32 tensor")
+    if messages.dtype != torch.uint8:
+        raise ValueError(f"{op}: messages must be uint8")
+    if len(offsets) != len(numels):
+        raise ValueError(f"{op}: offsets and numels must have the same length (got {len(offsets)}, {len(numels)})")
+    _quantize_fake_layout(op, numels, bits, chunk)
+
+
 _FAKES = {
     "topk_pack": topk_pack_fake,
     "sparse_unpack_add_": sparse_unpack_add_fake,
     "sparse_unpack": sparse_unpack_fake,
+    "quantize_pack": quantize_pack_fake,
+    "quantize_unpack_add_": quantize_unpack_add_fake,
 }
 
 
@@ -335,3 +377,75 @@ def sparse_unpack(
         except native_cupy.KernelsUnavailable:
             pass  # logged once; from now on native_backend says "torch"
     return reference.sparse_unpack(messages, offsets, numels, ks, value_dtype)
+
+
+def quantize_pack(
+    buffer: torch.Tensor,
+    offsets: Sequence[int],
+    numels: Sequence[int],
+    bits: int,
+    chunk: int,
+    seeds: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
+    """Quantizes every layer of ``buffer`` into one uint8 message (format and rules:
+    ``gcomp.compress.quantize``).
+
+    ``buffer`` is contiguous 1-D float32; layer ``l`` is ``buffer[offsets[l] : offsets[l] + numels[l]]``.
+    ``bits`` is 1, 2, 4, 8 or 32, ``chunk`` the entries sharing one scale (a multiple of 8);
+    ``seeds`` (one per layer) switches 2/4/8 bits to stochastic rounding. The message size depends
+    only on ``numels``, ``bits`` and ``chunk``, so every rank's message has the same size.
+    """
+    route = _route(buffer)
+    layers = (
+        _ints(offsets),
+        _ints(numels),
+        _int_scalar("bits", bits),
+        _int_scalar("chunk", chunk),
+        None if seeds is None else _ints(seeds),
+    )
+    if route == "op":
+        return torch.ops.gcomp.quantize_pack(buffer, *layers)
+    if route == "fake":
+        return quantize_pack_fake(buffer, *layers)
+    if route == "cupy":
+        from gcomp import native_cupy
+
+        try:
+            return native_cupy.quantize_pack(buffer, *layers)
+        except native_cupy.KernelsUnavailable:
+            pass  # logged once; from now on native_backend says "torch"
+    return quantize_reference.quantize_pack(buffer, offsets, numels, bits, chunk, seeds)
+
+
+def quantize_unpack_add_(
+    out: torch.Tensor,
+    messages: torch.Tensor,
+    offsets: Sequence[int],
+    numels: Sequence[int],
+    bits: int,
+    chunk: int,
+    weight: float = 1.0,
+) -> torch.Tensor:
+    """``out[layer] += weight * decode(message)`` for every message, in order 0, 1, 2, ...; returns ``out``.
+
+    ``messages`` is uint8: one message, several back to back (1-D), or one per row (2-D, e.g. from
+    ``all_gather_into_tensor``). The fixed order makes the sums bitwise identical on every rank and
+    every path. ``weight`` is rounded to float32 first, as torch does with a Python scalar.
+    """
+    route = _route(out)
+    args = (_ints(offsets), _ints(numels), _int_scalar("bits", bits), _int_scalar("chunk", chunk), float(weight))
+    if route == "op":
+        torch.ops.gcomp.quantize_unpack_add_(out, messages, *args)
+        return out
+    if route == "fake":
+        quantize_unpack_add_fake(out, messages, *args)
+        return out
+    if route == "cupy":
+        from gcomp import native_cupy
+
+        try:
+            native_cupy.quantize_unpack_add_(out, messages, *args)
+            return out
+        except native_cupy.KernelsUnavailable:
+            pass  # logged once; from now on native_backend says "torch"
+    return quantize_reference.quantize_unpack_add_(out, messages, offsets, numels, bits, chunk, weight)

@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 CSRC = REPO / "csrc"
-RAW_KERNEL_SOURCES = [CSRC / "sparse_kernels.cu"]
+RAW_KERNEL_SOURCES = [CSRC / "sparse_kernels.cu", CSRC / "quantize_kernels.cu"]
 ARCHITECTURES = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
 
 

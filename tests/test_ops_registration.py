@@ -182,7 +182,7 @@ def test_cupy_is_not_imported_without_a_gpu():
 def test_a_failed_nvrtc_build_falls_back_to_the_twin(monkeypatch):
     """The wiring ops -> native_cupy -> KernelsUnavailable -> reference, exercised on CPU tensors."""
 
-    def unavailable(device):
+    def unavailable(device, source=None):
         raise native_cupy.KernelsUnavailable("no GPU here")
 
     monkeypatch.setattr(ops, "native_backend", lambda device: "cupy-nvrtc")

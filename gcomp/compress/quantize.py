@@ -25,7 +25,8 @@ What a code means, per ``bits``:
   ``mean |x|``, decoded as ``+scale`` / ``-scale``. The mean is computed exactly in integers so
   that every implementation agrees bit for bit: ``a_i = min(2^24, rint(|x_i| * (2^24 / m)))``,
   ``scale = float32(float64(sum a_i) * float64(m) / (float64(n) * 2^24))`` (``n`` entries in the
-  chunk, ``m = max |x|``).
+  chunk, ``m = max |x|``). When ``m`` is subnormal, ``2^24 / m`` overflows to ``inf``: a zero entry's
+  product ``0 * inf`` is NaN, and such an ``a_i`` counts 0 (every other entry counts ``2^24``).
 - ``32``: the float32 bits of the entry; no scales. Decoding is exact (the no-quantization path
   that error-feedback exactness tests compare with a dense average).
 
@@ -35,8 +36,12 @@ infinity has scale ``inf``, so each decodes to non-finite values (which the hook
 ``x * (levels / m)`` that is NaN gives ``q = 0``.
 
 Unpacking adds: ``out + weight * value``, one rounding for the product and one for the sum, in
-float32, message after message in rank order. Every operation above is a single IEEE operation
-(no fused multiply-add), which is what lets C++, CUDA and this module agree bit for bit.
+float32, message after message in rank order (``weight`` is rounded to float32 first, as torch does
+with a Python scalar). A sum that is NaN is stored as the quiet NaN ``0x7FC00000``: the NaN an
+invalid operation produces differs between CPUs (``0xFFC00000`` on x86) and GPUs (``0x7FFFFFFF``).
+The layers must not overlap in ``out`` (the order of the additions would otherwise depend on the
+kernel). Every operation above is a single IEEE operation (no fused multiply-add), which is what
+lets C++, CUDA and this module agree bit for bit.
 
 This module is the reference the native kernels must reproduce, and the fallback when they are
 not built; it is written for clarity first. No torch.distributed here.
@@ -172,6 +177,7 @@ def _encode_layer(x: torch.Tensor, bits: int, chunk: int, seed: Optional[int]) -
         finite = torch.isfinite(top)
         unit = torch.where(finite & (top > 0), torch.full_like(top, float(SIGN_SCALE_ONE)) / top, torch.zeros_like(top))
         fixed = torch.round(rows.abs() * unit[:, None]).clamp_(max=float(SIGN_SCALE_ONE))
+        fixed = fixed.masked_fill_(torch.isnan(fixed), 0.0)  # 0 * inf: a zero entry, subnormal m
         fixed = torch.where(finite[:, None], fixed, torch.zeros_like(fixed)).to(torch.int64)
         counts = torch.full((chunks,), chunk, dtype=torch.float64, device=x.device)
         counts[-1] = numel - (chunks - 1) * chunk
@@ -235,6 +241,13 @@ def _check_buffer(op: str, tensor: torch.Tensor, offsets: Sequence[int], numels:
             raise ValueError(f"{op}: layer [{offset}, {offset + numel}) lies outside the buffer of {tensor.numel()} entries")
 
 
+def _check_disjoint(op: str, offsets: Sequence[int], numels: Sequence[int]) -> None:
+    spans = sorted((int(offset), int(offset) + int(numel), layer) for layer, (offset, numel) in enumerate(zip(offsets, numels)))
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"{op}: layers {first} and {second} overlap in out")
+
+
 def quantize_pack(
     buffer: torch.Tensor,
     offsets: Sequence[int],
@@ -272,12 +285,14 @@ def quantize_unpack_add_(
     more messages back to back, or one per row), in order. Returns ``out``."""
     _check_buffer("quantize_unpack_add_", out, offsets, numels)
     layout = quantized_message_layout(numels, bits, chunk)
+    _check_disjoint("quantize_unpack_add_", offsets, numels)
     flat = messages.reshape(-1)
     if messages.dtype != torch.uint8 or layout.message_bytes == 0 or flat.numel() % layout.message_bytes:
         raise ValueError(
             f"quantize_unpack_add_: messages must be uint8 holding whole messages of {layout.message_bytes} bytes; "
             f"got {messages.dtype} with {flat.numel()} bytes"
         )
+    quiet_nan = _quiet_nan(out.device)
     for start in range(0, flat.numel(), layout.message_bytes):
         message = flat[start : start + layout.message_bytes]
         for offset, section in zip(offsets, layout.layers):
@@ -286,4 +301,5 @@ def quantize_unpack_add_(
             value = _decode_layer(scales, codes, section.numel, bits, chunk)
             target = out[offset : offset + section.numel]
             target.add_(value * weight)  # product rounded, then the sum: no fused multiply-add
+            target.copy_(torch.where(torch.isnan(target), quiet_nan, target))  # one NaN on every device
     return out
