@@ -15,11 +15,13 @@ from .hooks import (
     FP16State,
     HookState,
     PowerSGDState,
+    QuantizeState,
     TopKState,
     allreduce_hook,
     bf16_hook,
     fp16_hook,
     powersgd_hook,
+    quantize_hook,
     topk_hook,
 )
 
@@ -33,11 +35,13 @@ __all__ = [
     "FP16State",
     "HookState",
     "PowerSGDState",
+    "QuantizeState",
     "TopKState",
     "allreduce_hook",
     "bf16_hook",
     "fp16_hook",
     "powersgd_hook",
+    "quantize_hook",
     "register",
     "topk_hook",
 ]

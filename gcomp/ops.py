@@ -335,3 +335,36 @@ def sparse_unpack(
         except native_cupy.KernelsUnavailable:
             pass  # logged once; from now on native_backend says "torch"
     return reference.sparse_unpack(messages, offsets, numels, ks, value_dtype)
+
+
+# ---------------------------------------------------------------------------- quantized messages
+# Pass-throughs to the pure-torch reference codec (gcomp.compress.quantize), with the signatures the
+# native quantization kernels expose; routing to those kernels replaces this block when they land.
+from gcomp.compress import quantize as quantize_reference  # noqa: E402 - kept inside this block
+
+
+def quantize_pack(
+    buffer: torch.Tensor,
+    offsets: Sequence[int],
+    numels: Sequence[int],
+    bits: int,
+    chunk: int,
+    seeds: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
+    """One bucket's quantized message (uint8, on ``buffer``'s device); see
+    :func:`gcomp.compress.quantize.quantize_pack` for the format and the rounding."""
+    return quantize_reference.quantize_pack(buffer, offsets, numels, bits, chunk, seeds)
+
+
+def quantize_unpack_add_(
+    out: torch.Tensor,
+    messages: torch.Tensor,
+    offsets: Sequence[int],
+    numels: Sequence[int],
+    bits: int,
+    chunk: int,
+    weight: float = 1.0,
+) -> torch.Tensor:
+    """``out[layer] += weight * decode(message)`` for every message, in row order (bitwise the same
+    on every rank); see :func:`gcomp.compress.quantize.quantize_unpack_add_`."""
+    return quantize_reference.quantize_unpack_add_(out, messages, offsets, numels, bits, chunk, weight)
