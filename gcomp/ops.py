@@ -340,7 +340,16 @@ def sparse_unpack(
 # ---------------------------------------------------------------------------- quantized messages
 # Pass-throughs to the pure-torch reference codec (gcomp.compress.quantize), with the signatures the
 # native quantization kernels expose; routing to those kernels replaces this block when they land.
+# Fake tensors (FakeTensorMode) get the shapes only, as the other ops' registered fakes give: the
+# twin's Python indexing refuses fake CUDA tensors on a CPU-only build of torch. (On the "meta"
+# device the twin itself runs, which is how tests prove it keeps every tensor on the input's device.)
 from gcomp.compress import quantize as quantize_reference  # noqa: E402 - kept inside this block
+
+
+def _is_fake_tensor(tensor: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(tensor, FakeTensor)
 
 
 def quantize_pack(
@@ -353,6 +362,10 @@ def quantize_pack(
 ) -> torch.Tensor:
     """One bucket's quantized message (uint8, on ``buffer``'s device); see
     :func:`gcomp.compress.quantize.quantize_pack` for the format and the rounding."""
+    if _is_fake_tensor(buffer):
+        quantize_reference._check_buffer("quantize_pack", buffer, offsets, numels)
+        layout = quantize_reference.quantized_message_layout(_ints(numels), bits, chunk)
+        return buffer.new_empty(layout.message_bytes, dtype=torch.uint8)
     return quantize_reference.quantize_pack(buffer, offsets, numels, bits, chunk, seeds)
 
 
@@ -367,4 +380,10 @@ def quantize_unpack_add_(
 ) -> torch.Tensor:
     """``out[layer] += weight * decode(message)`` for every message, in row order (bitwise the same
     on every rank); see :func:`gcomp.compress.quantize.quantize_unpack_add_`."""
+    if _is_fake_tensor(out):
+        quantize_reference._check_buffer("quantize_unpack_add_", out, offsets, numels)
+        layout = quantize_reference.quantized_message_layout(_ints(numels), bits, chunk)
+        if messages.dtype != torch.uint8 or messages.numel() % layout.message_bytes:
+            raise ValueError(f"quantize_unpack_add_: messages must be uint8 holding whole messages of {layout.message_bytes} bytes")
+        return out
     return quantize_reference.quantize_unpack_add_(out, messages, offsets, numels, bits, chunk, weight)

@@ -190,7 +190,9 @@ class QuantizeState(MessageState):
         rows = messages.reshape(-1, sum(sizes))  # one row per rank (one row: this rank's message)
         start = 0
         for (bits, members), size in zip(groups, sizes):
-            part = rows[:, start : start + size].contiguous()
+            # A contiguous copy of every rank's part of this width (clone, not .contiguous(): the
+            # latter's Python binding refuses fake CUDA tensors on CPU-only builds of torch).
+            part = rows.narrow(1, start, size).clone(memory_format=torch.contiguous_format)
             ops.quantize_unpack_add_(
                 out, part, [offsets[i] for i in members], [numels[i] for i in members], bits, self.chunk, weight,
             )
