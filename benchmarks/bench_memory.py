@@ -35,6 +35,8 @@ CONFIGS: list[tuple[str, str, dict]] = [
     ("topk 1% EF21", "topk", {"density": 0.01, "feedback": "ef21"}),
     ("topk 1% EF21-SGDM", "topk", {"density": 0.01, "feedback": "ef21-sgdm"}),
     ("topk 1% EControl", "topk", {"density": 0.01, "feedback": "econtrol"}),
+    ("quantize 4 bits EF14", "quantize", {"bits": 4, "feedback": "ef14"}),
+    ("quantize 4 bits EF21", "quantize", {"bits": 4, "feedback": "ef21"}),
 ]
 
 

@@ -15,9 +15,9 @@ quantization error), a float16/bfloat16 bucket's is computed in float32.
 
 Tuning guide:
 
-- ``bits``: 8 is nearly lossless (about 3.9x fewer bytes than float32); 4 (about 7.9x) is the
-  usual sweet spot with error feedback; 2 and 1 (scaled sign, about 30x) need error feedback
-  and cost accuracy early in training. 32 sends the raw float32 values (no compression; with
+- ``bits``: per layer with the default chunk, 8 bits send 3.9x fewer bytes than float32, 4 bits
+  7.8x, 2 bits 15x, 1 bit (scaled sign) 28x. 8 is nearly lossless; 4 is the usual sweet spot
+  with error feedback; 2 and 1 need error feedback and cost accuracy (benchmarks/RESULTS.md §12). 32 sends the raw float32 values (no compression; with
   ``min_compression_rate < 1`` it is the exactness check against a dense average).
 - ``chunk``: entries sharing one scale (4 bytes per chunk). Smaller chunks follow the
   gradient's local magnitude, so they err less but cost more: on the CharLM's gradients at 4 bits
