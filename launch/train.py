@@ -64,6 +64,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="PowerSGD candidate ranks: from LOW*rank to HIGH*rank")
     parser.add_argument("--adapt-density-factors", type=float, nargs="+", default=(0.25, 0.5, 1.0, 2.0, 4.0),
                         help="top-k candidate densities: these multiples of --density")
+    parser.add_argument("--adapt-bit-widths", type=int, nargs="+", default=(1, 2, 4, 8),
+                        help="quantize candidate bit widths (those that still compress a layer)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per worker per step")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -136,6 +138,7 @@ def register_method(ddp: DistributedDataParallel, args: argparse.Namespace):
             alpha=args.adapt_alpha,
             rank_range=tuple(args.adapt_rank_range),
             density_factors=tuple(args.adapt_density_factors),
+            bit_widths=tuple(args.adapt_bit_widths),
             log_path=args.adapt_log,
         )
     return gcomp.register(ddp, args.method, **options)
