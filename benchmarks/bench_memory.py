@@ -42,6 +42,8 @@ CONFIGS: list[tuple[str, str, dict]] = [
     ("powersgd rank 4, adaptive, in window", "powersgd", {"rank": 4, "adaptive": gcomp.AdaptiveConfig(every_steps=10)}),
     ("topk 1% EF21, adaptive", "topk", {"density": 0.01, "feedback": "ef21", "adaptive": gcomp.AdaptiveConfig(every_steps=100)}),
     ("topk 1% EF21, adaptive, in window", "topk", {"density": 0.01, "feedback": "ef21", "adaptive": gcomp.AdaptiveConfig(every_steps=10)}),
+    ("quantize 4 bits EF14", "quantize", {"bits": 4, "feedback": "ef14"}),
+    ("quantize 4 bits EF21", "quantize", {"bits": 4, "feedback": "ef21"}),
 ]
 
 

@@ -23,12 +23,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def method_arguments(label: str) -> list[str]:
     """launch/train.py arguments for a run label: a train.py method (``powersgd``, ``none``,
-    ``torch-powersgd``, ...), ``topk-<feedback>`` (``topk-ef21``, ``topk-econtrol``), and a
-    ``-adaptive`` suffix for the L-GreCo controller (``powersgd-adaptive``, ``topk-ef21-adaptive``)."""
+    ``torch-powersgd``, ...), ``topk-<feedback>`` (``topk-ef21``, ``topk-econtrol``),
+    ``quantize-<bits>`` (``quantize-4``, ``quantize-8``; the feedback rule from ``--feedback`` or the
+    method's default), and a ``-adaptive`` suffix for the L-GreCo controller (``powersgd-adaptive``,
+    ``topk-ef21-adaptive``, ``quantize-4-adaptive``)."""
     adaptive = label.endswith("-adaptive")
     base = label[: -len("-adaptive")] if adaptive else label
     if base.startswith("topk-"):
         arguments = ["--method", "topk", "--feedback", base.split("-", 1)[1]]
+    elif base.startswith("quantize-"):
+        arguments = ["--method", "quantize", "--bits", base.split("-", 1)[1]]
     else:
         arguments = ["--method", base]
     return arguments + (["--adaptive"] if adaptive else [])

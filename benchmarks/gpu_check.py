@@ -276,6 +276,8 @@ EXACT_SETTINGS = {
         "topk", {"density": 1.0, "feedback": "ef21-sgdm", "momentum": 0.0, "warmup_steps": 0, "min_compression_rate": TINY_RATE}, 1e-6),
     "topk econtrol density 1": (
         "topk", {"density": 1.0, "feedback": "econtrol", "warmup_steps": 0, "min_compression_rate": TINY_RATE}, 1e-6),
+    "quantize ef14 32 bits": ("quantize", {"bits": 32, "feedback": "ef14", "warmup_steps": 0, "min_compression_rate": TINY_RATE}, 1e-6),
+    "quantize ef21 32 bits": ("quantize", {"bits": 32, "feedback": "ef21", "warmup_steps": 0, "min_compression_rate": TINY_RATE}, 1e-6),
 }
 # name -> (method, options, adaptive, tolerance of CUDA against CPU); lossy settings
 LOSSY_SETTINGS = {
@@ -287,6 +289,9 @@ LOSSY_SETTINGS = {
     "topk econtrol": ("topk", {"density": 0.05, "feedback": "econtrol", "warmup_steps": 1}, False, 5e-2),
     "topk ef21 float16 values": ("topk", {"density": 0.05, "value_dtype": "float16", "warmup_steps": 0}, False, 5e-2),
     "topk ef21 adaptive": ("topk", {"density": 0.05, "warmup_steps": 0}, True, 5e-2),
+    "quantize 4 bits ef14": ("quantize", {"bits": 4, "feedback": "ef14"}, False, 5e-2),
+    "quantize 8 bits ef21 stochastic": ("quantize", {"bits": 8, "feedback": "ef21", "rounding": "stochastic"}, False, 5e-2),
+    "quantize 4 bits adaptive": ("quantize", {"bits": 4}, True, 5e-2),
 }
 STEPS = 6
 

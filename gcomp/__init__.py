@@ -16,11 +16,13 @@ from .hooks import (
     FP16State,
     HookState,
     PowerSGDState,
+    QuantizeState,
     TopKState,
     allreduce_hook,
     bf16_hook,
     fp16_hook,
     powersgd_hook,
+    quantize_hook,
     topk_hook,
 )
 
@@ -35,11 +37,13 @@ __all__ = [
     "HookState",
     "LocalAdamW",
     "PowerSGDState",
+    "QuantizeState",
     "TopKState",
     "allreduce_hook",
     "bf16_hook",
     "fp16_hook",
     "powersgd_hook",
+    "quantize_hook",
     "register",
     "topk_hook",
 ]

@@ -16,6 +16,7 @@ METHODS: dict[str, type[HookState]] = {
     "bf16": hooks.BF16State,
     "powersgd": hooks.PowerSGDState,
     "topk": hooks.TopKState,
+    "quantize": hooks.QuantizeState,
 }
 
 # Each method's own hook (it refuses a state of another method).
@@ -25,6 +26,7 @@ HOOKS: dict[str, Callable[..., Any]] = {
     "bf16": hooks.bf16_hook,
     "powersgd": hooks.powersgd_hook,
     "topk": hooks.topk_hook,
+    "quantize": hooks.quantize_hook,
 }
 
 _STATE_ATTRIBUTE = "_gcomp_state"
@@ -50,7 +52,8 @@ def register(
     weight_decay=...)`` (see :mod:`gcomp.precondition`).
 
     ``adaptive=True`` (or an :class:`~gcomp.adaptive.AdaptiveConfig`) attaches the L-GreCo
-    controller to ``"powersgd"`` / ``"topk"``: per-layer ranks / densities re-chosen every
+    controller to ``"powersgd"`` / ``"topk"`` / ``"quantize"``: per-layer ranks / densities / bit
+    widths re-chosen every
     ``every_steps`` sync steps (``state.controller.epoch_end()`` to decide at an epoch's end).
     """
     if not isinstance(ddp_model, DistributedDataParallel):

@@ -46,11 +46,16 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--method", default="powersgd", choices=sorted(gcomp.METHODS) + list(TORCH_METHODS))
     parser.add_argument("--rank", type=int, default=4, help="PowerSGD rank")
     parser.add_argument("--density", type=float, default=0.01, help="top-k: fraction of each layer's entries sent")
-    parser.add_argument("--feedback", default="ef21", help="top-k error feedback: ef14, ef21, ef21-sgdm or econtrol")
+    parser.add_argument("--feedback", default=None,
+                        help="top-k / quantize error feedback: ef14, ef21, ef21-sgdm or econtrol "
+                             "(default: the method's own, ef21 for topk, ef14 for quantize)")
+    parser.add_argument("--bits", type=int, default=4, help="quantize: bits per entry (1, 2, 4, 8; 32 = raw float32)")
+    parser.add_argument("--quantize-chunk", type=int, default=None, help="quantize: entries per scale (default: the method's)")
+    parser.add_argument("--rounding", default="nearest", choices=("nearest", "stochastic"), help="quantize: rounding of the codes")
     parser.add_argument("--eta", type=float, default=0.1, help="EControl feedback strength")
     parser.add_argument("--feedback-momentum", type=float, default=0.9, help="EF21-SGDM momentum (beta)")
     parser.add_argument("--warmup-steps", type=int, default=20, help="sync steps of plain allreduce before compressing")
-    parser.add_argument("--adaptive", action="store_true", help="L-GreCo: re-choose per-layer rank/density every --adapt-every steps")
+    parser.add_argument("--adaptive", action="store_true", help="L-GreCo: re-choose per-layer rank/density/bits every --adapt-every steps")
     parser.add_argument("--adapt-every", type=int, default=100, help="sync steps between adaptive decisions")
     parser.add_argument("--adapt-accumulate", type=int, default=10, help="steps of gradients profiled before each decision")
     parser.add_argument("--adapt-alpha", type=float, default=1.0, help="error budget relative to the uniform setting")
@@ -61,6 +66,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="PowerSGD candidate ranks: from LOW*rank to HIGH*rank")
     parser.add_argument("--adapt-density-factors", type=float, nargs="+", default=(0.25, 0.5, 1.0, 2.0, 4.0),
                         help="top-k candidate densities: these multiples of --density")
+    parser.add_argument("--adapt-bit-widths", type=int, nargs="+", default=(1, 2, 4, 8),
+                        help="quantize candidate bit widths (those that still compress a layer)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per worker per step")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -121,8 +128,14 @@ def register_method(ddp: DistributedDataParallel, args: argparse.Namespace):
     if args.method == "powersgd":
         options = {"rank": args.rank, "warmup_steps": args.warmup_steps, "seed": args.seed}
     elif args.method == "topk":
-        options = {"density": args.density, "feedback": args.feedback, "eta": args.eta,
-                   "momentum": args.feedback_momentum, "warmup_steps": args.warmup_steps}
+        options = {"density": args.density, "eta": args.eta, "momentum": args.feedback_momentum, "warmup_steps": args.warmup_steps}
+    elif args.method == "quantize":
+        options = {"bits": args.bits, "rounding": args.rounding, "eta": args.eta, "momentum": args.feedback_momentum,
+                   "warmup_steps": args.warmup_steps}
+        if args.quantize_chunk is not None:
+            options["chunk"] = args.quantize_chunk
+    if args.method in ("topk", "quantize") and args.feedback is not None:
+        options["feedback"] = args.feedback
     if args.adaptive:
         options["adaptive"] = gcomp.AdaptiveConfig(
             every_steps=args.adapt_every,
@@ -130,6 +143,7 @@ def register_method(ddp: DistributedDataParallel, args: argparse.Namespace):
             alpha=args.adapt_alpha,
             rank_range=tuple(args.adapt_rank_range),
             density_factors=tuple(args.adapt_density_factors),
+            bit_widths=tuple(args.adapt_bit_widths),
             log_path=args.adapt_log,
             **({"error_measure": args.adapt_error_measure} if args.adapt_error_measure else {}),
         )

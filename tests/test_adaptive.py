@@ -129,7 +129,7 @@ def test_invalid_adaptive_config(arguments):
 
 
 def test_adaptive_needs_a_compressing_method():
-    with pytest.raises(TypeError, match="PowerSGD and top-k"):
+    with pytest.raises(TypeError, match="PowerSGD, top-k and quantize"):
         gcomp.AdaptiveController(gcomp.AllreduceState())
     with pytest.raises(ValueError, match="rank_range|candidate range"):
         gcomp.AdaptiveController(gcomp.PowerSGDState(), gcomp.AdaptiveConfig(rank_range=(2.0, 3.0)))

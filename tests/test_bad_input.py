@@ -46,6 +46,8 @@ def test_unsupported_bucket_dtypes(buffer):
         (gcomp.powersgd_hook, object()),
         (gcomp.powersgd_hook, gcomp.TopKState()),
         (gcomp.topk_hook, gcomp.PowerSGDState()),
+        (gcomp.topk_hook, gcomp.QuantizeState()),
+        (gcomp.quantize_hook, gcomp.TopKState()),
         (gcomp.fp16_hook, gcomp.BF16State()),
         (gcomp.allreduce_hook, gcomp.FP16State()),
     ],
@@ -107,6 +109,9 @@ def _mismatched_configuration(rank: int, world_size: int, first: dict, second: d
         (("powersgd", {"rank": 2}), ("allreduce", {})),
         (("topk", {"density": 0.01}), ("topk", {"density": 0.02})),
         (("topk", {"feedback": "ef21"}), ("topk", {"feedback": "econtrol"})),
+        (("quantize", {"bits": 4}), ("topk", {})),
+        (("quantize", {"rounding": "nearest"}), ("quantize", {"rounding": "stochastic"})),
+        (("quantize", {"chunk": 256}), ("quantize", {"chunk": 512})),
     ],
 )
 def test_configuration_mismatch_raises_on_every_rank(first, second):

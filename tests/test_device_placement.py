@@ -10,7 +10,8 @@ One quirk of fake CUDA tensors on a CPU-only build is bridged here, not in gcomp
 binding of ``Tensor.copy_`` refuses them, so the test routes it to the ATen operator (same
 semantics; device mismatches in arithmetic are still caught by the fake mode).
 
-The top-k ops run through their registered fake implementations (``gcomp.ops``), so message
+The top-k ops run through their registered fake implementations (the quantization codec through
+its pure-torch twin, which FakeTensorMode traces as it is) (``gcomp.ops``), so message
 sizes and devices are the real ones. What this cannot show (numerics, stream order, NCCL itself) is what ``benchmarks/gpu_check.py``
 checks on a real GPU; the CPU suite checks numerics everywhere else.
 """
@@ -92,6 +93,11 @@ METHODS = [
     ("topk", {"density": 0.1, "feedback": "econtrol"}),
     ("topk", {"density": 0.1, "feedback": "ef21", "value_dtype": "float16"}),
     ("topk", {"density": 0.1, "feedback": "ef21", "adaptive": gcomp.AdaptiveConfig(every_steps=2, accumulate_steps=1)}),
+    ("quantize", {"bits": 4, "feedback": "ef14"}),
+    ("quantize", {"bits": 8, "feedback": "ef21", "rounding": "stochastic", "min_compression_rate": 1.5}),
+    ("quantize", {"bits": 1, "feedback": "econtrol"}),
+    ("quantize", {"bits": 2, "feedback": "ef21-sgdm", "layer_bits": {"0": 8}}),
+    ("quantize", {"bits": 4, "adaptive": gcomp.AdaptiveConfig(every_steps=2, accumulate_steps=1)}),
 ]
 assert {method for method, _ in METHODS} == set(gcomp.METHODS), "a method was added: drive it here too"
 
@@ -113,7 +119,7 @@ def _drive(method: str, options: dict, dtype: torch.dtype, steps: int = 5) -> tu
     if adaptive is not None:
         gcomp.AdaptiveController(state, adaptive)
     hook = {"allreduce": gcomp.allreduce_hook, "fp16": gcomp.fp16_hook, "bf16": gcomp.bf16_hook,
-            "powersgd": gcomp.powersgd_hook, "topk": gcomp.topk_hook}[method]
+            "powersgd": gcomp.powersgd_hook, "topk": gcomp.topk_hook, "quantize": gcomp.quantize_hook}[method]
     with FakeTensorMode(allow_non_fake_inputs=False):
         params = [torch.nn.Parameter(torch.zeros(shape, device="cuda", dtype=dtype)) for shape in SHAPES]
         state.attach(torch.nn.ParameterList(params))
@@ -139,7 +145,7 @@ def test_hook_path_keeps_every_tensor_on_the_bucket_device(fake_process_group, m
     stats = state.stats()
     assert stats["steps"] == 5 and stats["compressed_steps"] == 4
     assert runtime.host_reads > 0  # the seam was used: every host read went through it
-    if method in ("powersgd", "topk"):
+    if method in ("powersgd", "topk", "quantize"):
         assert state.layer_state, "compressed steps left state"
     if "adaptive" in options:
         assert state.controller.decisions >= 1

@@ -1,5 +1,5 @@
 """L-GreCo's controller: every N compressed sync steps (or when told, e.g. at each epoch end) re-pick each
-layer's rank / density so that the bytes sent are minimal while the total compression error stays
+layer's rank / density / bit width so that the bytes sent are minimal while the total compression error stays
 within that of the uniform setting.
 
 One decision, on every rank alike:
@@ -53,7 +53,8 @@ class AdaptiveConfig:
     below 1 trades bytes for accuracy, above 1 the opposite. Decide about once per epoch
     (``every_steps`` = steps per epoch) or at least every few hundred steps: each decision costs a
     few SVDs / sorts per layer. The candidate range (``rank_range`` for PowerSGD, ``density_factors``
-    for top-k) bounds how far a layer can move from the uniform setting in one decision.
+    for top-k, ``bit_widths`` for quantization) bounds how far a layer can move from the uniform
+    setting in one decision.
     """
 
     every_steps: Optional[int] = 100  # compressed sync steps; None: only on decide_now() / epoch_end()
@@ -61,6 +62,7 @@ class AdaptiveConfig:
     alpha: float = 1.0
     rank_range: tuple[float, float] = (0.5, 2.0)
     density_factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+    bit_widths: tuple[int, ...] = (1, 2, 4, 8)
     resolution: int = 10_000
     log_path: Optional[str] = None  # JSON lines, written by rank 0
     # "absolute": a layer's error is ||x - C(x)|| (the paper); "relative": divided by ||x||, so a
@@ -81,6 +83,8 @@ class AdaptiveConfig:
             raise ValueError(f"rank_range must be (low, high); got {self.rank_range!r}")
         if not self.density_factors:
             raise ValueError("density_factors must not be empty (the candidate set would be empty)")
+        if not self.bit_widths or any(isinstance(w, bool) or w not in (1, 2, 4, 8) for w in self.bit_widths):
+            raise ValueError(f"bit_widths must be a non-empty list drawn from 1, 2, 4, 8; got {self.bit_widths!r}")
         if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or self.resolution < 1:
             raise ValueError(f"resolution must be an integer >= 1; got {self.resolution!r}")
         if self.error_measure not in ERROR_MEASURES:
@@ -88,10 +92,16 @@ class AdaptiveConfig:
 
 
 class AdaptiveController:
-    """Attach to a PowerSGD or top-k hook state: ``AdaptiveController(state, AdaptiveConfig(...))``."""
+    """Attach to a PowerSGD, top-k or quantize hook state: ``AdaptiveController(state, AdaptiveConfig(...))``."""
 
     def __init__(self, state: HookState, config: AdaptiveConfig = AdaptiveConfig()) -> None:
-        options = {"low": config.rank_range[0], "high": config.rank_range[1]} if state.method == "powersgd" else {"factors": config.density_factors}
+        options: dict[str, Any]
+        if state.method == "powersgd":
+            options = {"low": config.rank_range[0], "high": config.rank_range[1]}
+        elif state.method == "quantize":
+            options = {"widths": tuple(int(w) for w in config.bit_widths)}
+        else:
+            options = {"factors": config.density_factors}
         self.family: Family = family_for(state, **options)
         if state.controller is not None:
             raise ValueError("this hook state already has an adaptive controller")
@@ -276,7 +286,8 @@ class AdaptiveController:
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
         return {
-            "config": {**asdict(self.config), "rank_range": list(self.config.rank_range), "density_factors": list(self.config.density_factors)},
+            "config": {**asdict(self.config), "rank_range": list(self.config.rank_range), "density_factors": list(self.config.density_factors),
+                       "bit_widths": list(self.config.bit_widths)},
             "decisions": self.decisions,
             "last_decision_step": self.last_decision_step,
             "observed_steps": self.observed_steps,

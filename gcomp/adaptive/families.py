@@ -8,6 +8,9 @@ errors on a measured tensor, and how to apply a choice to the hook state.
   density; exact error ``||x - topk_k(x)||`` for every k from one partial top-k of the squares and
   a cumulative sum;
   bytes = the packed message the hook would send for that k.
+- :class:`BitsFamily` (quantization): bit widths from ``widths`` (1, 2, 4, 8); error
+  ``||x - decode(encode(x))||`` of the hook's own codec with round-to-nearest (deterministic, so
+  every rank measures the same function); bytes = the layer's packed message at that width.
 
 Candidates are limited to settings under which the hook still compresses the layer (its
 ``min_compression_rate`` rule), so a decision never moves a layer between the compressed and the
@@ -21,13 +24,16 @@ from typing import Mapping, Protocol, Sequence
 import torch
 
 from ..compress.lowrank import effective_rank, matrix_shape, should_compress
+from .. import ops
+from ..compress.quantize import quantized_message_bytes
 from ..compress.sparse import sparse_message_layout
 from ..hooks.powersgd import PowerSGDState
+from ..hooks.quantize import QuantizeState
 from ..hooks.topk import TopKState
 
 
 class Family(Protocol):
-    setting: str  # "rank" or "density": the name used in logs
+    setting: str  # "rank", "density" or "bits": the name used in logs
 
     def uniform(self) -> float: ...
 
@@ -124,10 +130,53 @@ class DensityFamily:
         self.state.set_layer_densities(dict(choices))
 
 
+class BitsFamily:
+    """Quantization bit widths: those of ``widths`` under which the hook still quantizes the layer,
+    and always the uniform width. A wider code never has a larger error, so the solver trades
+    bits where a layer's error is small for bits where it is large."""
+
+    setting = "bits"
+
+    def __init__(self, state: QuantizeState, widths: Sequence[int] = (1, 2, 4, 8)) -> None:
+        if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w not in (1, 2, 4, 8) for w in widths):
+            raise ValueError(f"bit widths must be a non-empty list drawn from 1, 2, 4, 8; got {widths}")
+        self.state, self.widths = state, tuple(sorted(set(widths)))
+
+    def uniform(self) -> float:
+        return self.state.bits
+
+    def candidates(self, shape: tuple[int, ...]) -> list[float]:
+        numel = math.prod(shape)
+        usable = {bits for bits in self.widths if self.size(shape, bits) * self.state.min_compression_rate < numel * 4}
+        usable.add(self.state.bits)
+        return sorted(usable)
+
+    def size(self, shape: tuple[int, ...], setting: float) -> float:
+        return float(quantized_message_bytes(math.prod(shape), int(setting), self.state.chunk))
+
+    def errors(self, tensor: torch.Tensor, shape: tuple[int, ...], settings: Sequence[float]) -> torch.Tensor:
+        values = tensor.reshape(-1)
+        exact = values.double()
+        single = values.to(torch.float32).contiguous()
+        numel = single.numel()
+        rows = []
+        for bits in settings:
+            message = ops.quantize_pack(single, [0], [numel], int(bits), self.state.chunk)
+            decoded = torch.zeros_like(single)
+            ops.quantize_unpack_add_(decoded, message, [0], [numel], int(bits), self.state.chunk)
+            rows.append(torch.linalg.vector_norm(exact - decoded.double()).reshape(1))
+        return torch.cat(rows)
+
+    def apply(self, choices: Mapping[str, float]) -> None:
+        self.state.set_layer_bits({name: int(bits) for name, bits in choices.items()})
+
+
 def family_for(state: object, **options: object) -> Family:
-    """The family matching a hook state (PowerSGD ranks or top-k densities)."""
+    """The family matching a hook state (PowerSGD ranks, top-k densities or quantization bits)."""
     if isinstance(state, PowerSGDState):
         return RankFamily(state, **options)  # type: ignore[arg-type]
     if isinstance(state, TopKState):
         return DensityFamily(state, **options)  # type: ignore[arg-type]
-    raise TypeError(f"adaptive compression supports PowerSGD and top-k states; got {type(state).__name__}")
+    if isinstance(state, QuantizeState):
+        return BitsFamily(state, **options)  # type: ignore[arg-type]
+    raise TypeError(f"adaptive compression supports PowerSGD, top-k and quantize states; got {type(state).__name__}")

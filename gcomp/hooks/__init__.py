@@ -2,6 +2,7 @@
 from .base import HookState
 from .baseline import AllreduceState, BF16State, FP16State, allreduce_hook, bf16_hook, fp16_hook
 from .powersgd import PowerSGDState, powersgd_hook
+from .quantize import QuantizeState, quantize_hook
 from .topk import TopKState, topk_hook
 
 __all__ = [
@@ -10,10 +11,12 @@ __all__ = [
     "FP16State",
     "HookState",
     "PowerSGDState",
+    "QuantizeState",
     "TopKState",
     "allreduce_hook",
     "bf16_hook",
     "fp16_hook",
     "powersgd_hook",
+    "quantize_hook",
     "topk_hook",
 ]
