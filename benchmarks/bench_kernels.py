@@ -212,16 +212,20 @@ def bench_quantize_case(numel: int, bits: int, chunk: int, n_messages: int, repe
     return row
 
 
+def cell(row: dict, key: str) -> str:
+    """A timing's GB/s, or "-" when the row has none (no native build)."""
+    return f"{row[key]['gb_per_s']:.2f}" if key in row else "-"
+
+
+def ratio(row: dict, key: str) -> str:
+    return f"{row[key]:.1f}x" if key in row else "-"
+
+
+def percent(row: dict, key: str) -> str:
+    return f"{100 * row[key]:.0f}%" if key in row else "-"
+
+
 def quantize_markdown_table(rows: list[dict]) -> str:
-    def cell(row: dict, key: str) -> str:
-        return f"{row[key]['gb_per_s']:.2f}" if key in row else "-"
-
-    def ratio(row: dict, key: str) -> str:
-        return f"{row[key]:.1f}x" if key in row else "-"
-
-    def percent(row: dict, key: str) -> str:
-        return f"{100 * row[key]:.0f}%" if key in row else "-"
-
     lines = [
         "| elements | bits | message bytes | pack native GB/s | pack twin GB/s | memcpy GB/s | pack native/twin "
         "| pack native/memcpy | unpack native GB/s | unpack twin GB/s | memcpy GB/s | unpack native/twin "
@@ -280,15 +284,6 @@ def main_quantize(args: argparse.Namespace, levels: list[str | None]) -> None:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    def cell(row: dict, key: str) -> str:
-        return f"{row[key]['gb_per_s']:.2f}" if key in row else "-"
-
-    def ratio(row: dict, key: str) -> str:
-        return f"{row[key]:.1f}x" if key in row else "-"
-
-    def percent(row: dict, key: str) -> str:
-        return f"{100 * row[key]:.0f}%" if key in row else "-"
-
     lines = [
         "| elements | density | pack native GB/s | pack twin GB/s | memcpy GB/s | native/twin | native/memcpy "
         "| unpack native GB/s | unpack twin GB/s | memcpy GB/s | native/twin | native/memcpy |",
