@@ -114,7 +114,7 @@ class TopKState(MessageState):
 
     def config(self) -> dict[str, Any]:
         return {
-            "warmup_steps": self.warmup_steps,
+            **super().config(),
             "density": self.density,
             "feedback": self.feedback,
             "eta": self.eta,
