@@ -243,11 +243,17 @@ def quantize_markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main_quantize(args: argparse.Namespace, levels: list[str | None]) -> None:
+def print_machine(levels: list[str | None]) -> str:
+    """Print the CPU, its SIMD flags, torch and the levels about to run; return the CPU model."""
     model = cpu_model()
     print(f"CPU: {model} ({os.cpu_count()} logical CPUs; flags: {' '.join(cpu_simd_flags()) or '-'}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("SIMD levels measured: " + ", ".join(with_simd_level(level, ops.simd_level)() for level in levels))
+    return model
+
+
+def main_quantize(args: argparse.Namespace, levels: list[str | None]) -> None:
+    model = print_machine(levels)
     rows = []
     for numel in QUICK_SIZES if args.quick else FULL_SIZES:
         large = numel >= 1 << 26  # the twin takes seconds here: time it once
@@ -325,10 +331,7 @@ def main() -> None:
         main_quantize(args, levels)
         return
 
-    model = cpu_model()
-    print(f"CPU: {model} ({os.cpu_count()} logical CPUs; flags: {' '.join(cpu_simd_flags()) or '-'}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("SIMD levels measured: " + ", ".join(with_simd_level(level, ops.simd_level)() for level in levels))
+    model = print_machine(levels)
     rows = []
     for numel in QUICK_SIZES if args.quick else FULL_SIZES:
         large = numel >= 1 << 26  # the twin takes seconds here: time it once
