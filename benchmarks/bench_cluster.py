@@ -307,9 +307,20 @@ def write_plots(results: list[dict[str, Any]], directory: str) -> list[str]:
     return written
 
 
-def train_arguments(method: str, settings: Settings, log_path: str, extra: Sequence[str]) -> list[str]:
+def split_method(spec: str) -> tuple[str, list[str]]:
+    """``"label=method --option value"`` -> (label, train.py arguments); a bare method is its own
+    label. So one invocation can compare variants of a method, e.g.
+    ``"powersgd-bf16=powersgd --factor-dtype bfloat16"``."""
+    label, _, definition = spec.partition("=")
+    if not definition:
+        return spec, ["--method", spec]
+    method, *options = definition.split()
+    return label, ["--method", method, *options]
+
+
+def train_arguments(spec: str, settings: Settings, log_path: str, extra: Sequence[str]) -> list[str]:
     return [
-        "--method", method, "--model", settings.model, "--steps", str(settings.steps),
+        *split_method(spec)[1], "--model", settings.model, "--steps", str(settings.steps),
         "--warmup-steps", str(settings.warmup_steps), "--rank", str(settings.rank),
         "--batch-size", str(settings.batch_size), "--eval-every", str(settings.eval_every),
         "--log-every", str(settings.log_every), "--json", log_path, *extra,
@@ -324,7 +335,8 @@ def run_matrix(methods: Sequence[str], settings: Settings, work_dir: str, extra:
     for rate in settings.rates:
         shaped = None if rate == "none" else rate
         with EmulatedCluster(nodes=2, rate=shaped) as cluster:
-            for method in methods:
+            for spec in methods:
+                method = split_method(spec)[0]
                 run_dir = os.path.join(work_dir, f"{rate}-{method}")
                 os.makedirs(run_dir, exist_ok=True)
                 log_path = os.path.join(run_dir, "train_log.jsonl")
@@ -332,7 +344,7 @@ def run_matrix(methods: Sequence[str], settings: Settings, work_dir: str, extra:
                     os.remove(log_path)
                 follower = LogFollower(cluster, log_path)
                 bar.set_postfix_str(f"{rate} {method}")
-                run = run_training(cluster, train_arguments(method, settings, log_path, extra), log_dir=run_dir,
+                run = run_training(cluster, train_arguments(spec, settings, log_path, extra), log_dir=run_dir,
                                    quiet=True, timeout=timeout, monitor=follower, poll_interval=0.05)
                 follower(0.0)
                 result = summarise(method, shaped, run, follower.anchors, settings)

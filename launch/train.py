@@ -45,6 +45,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="powersgd", choices=sorted(gcomp.METHODS) + list(TORCH_METHODS))
     parser.add_argument("--rank", type=int, default=4, help="PowerSGD rank")
+    parser.add_argument("--factor-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="PowerSGD: dtype of P and Q on the wire (half precision: half the bytes)")
     parser.add_argument("--density", type=float, default=0.01, help="top-k: fraction of each layer's entries sent")
     parser.add_argument("--feedback", default=None,
                         help="top-k / quantize error feedback: ef14, ef21, ef21-sgdm or econtrol "
@@ -126,7 +128,7 @@ def register_method(ddp: DistributedDataParallel, args: argparse.Namespace):
         return None
     options: dict = {}
     if args.method == "powersgd":
-        options = {"rank": args.rank, "warmup_steps": args.warmup_steps, "seed": args.seed}
+        options = {"rank": args.rank, "warmup_steps": args.warmup_steps, "seed": args.seed, "factor_dtype": args.factor_dtype}
     elif args.method == "topk":
         options = {"density": args.density, "eta": args.eta, "momentum": args.feedback_momentum, "warmup_steps": args.warmup_steps}
     elif args.method == "quantize":

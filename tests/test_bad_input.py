@@ -23,6 +23,8 @@ from models import batch, make_mlp
         ({"warmup_steps": -1}, ValueError, "warmup_steps"),
         ({"warm_start": "yes"}, TypeError, "warm_start"),
         ({"layer_ranks": {"fc.weight": 0}}, ValueError, "layer_ranks"),
+        ({"factor_dtype": "int8"}, ValueError, "factor_dtype"),
+        ({"factor_dtype": torch.float64}, ValueError, "factor_dtype"),
         ({"no_such_option": 1}, TypeError, "no_such_option"),
     ],
 )
@@ -107,6 +109,7 @@ def _mismatched_configuration(rank: int, world_size: int, first: dict, second: d
     [
         (("powersgd", {"rank": 2}), ("powersgd", {"rank": 4})),
         (("powersgd", {"rank": 2}), ("allreduce", {})),
+        (("powersgd", {"factor_dtype": "bfloat16"}), ("powersgd", {})),
         (("topk", {"density": 0.01}), ("topk", {"density": 0.02})),
         (("topk", {"feedback": "ef21"}), ("topk", {"feedback": "econtrol"})),
         (("quantize", {"bits": 4}), ("topk", {})),

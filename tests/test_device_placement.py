@@ -86,6 +86,7 @@ METHODS = [
     ("bf16", {}),
     ("powersgd", {"rank": 2}),
     ("powersgd", {"rank": 2, "warm_start": False}),
+    ("powersgd", {"rank": 2, "factor_dtype": "bfloat16"}),
     ("powersgd", {"rank": 2, "adaptive": gcomp.AdaptiveConfig(every_steps=2, accumulate_steps=1)}),
     ("topk", {"density": 0.1, "feedback": "ef14"}),
     ("topk", {"density": 0.1, "feedback": "ef21"}),

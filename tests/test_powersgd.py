@@ -114,3 +114,90 @@ def _bytes_run(rank: int, world_size: int) -> dict:
     expected = 4 * numel + 2 * 4 * (dense + compressed)
     stats = got["stats"]
     return {"sent": stats["bytes_sent"], "expected": expected, "ratio": stats["compression_ratio"], "uncompressed": stats["bytes_uncompressed"]}
+
+
+def _factor_dtype_run(rank: int, world_size: int, factor_dtype: str) -> dict:
+    """Half-precision factors: bytes, the feedback invariant, identical Q, and the loss."""
+    torch.manual_seed(0)
+    model = make_mlp(width=64, depth=3)
+    ddp = DistributedDataParallel(model, bucket_cap_mb=0.004)
+    state = gcomp.register(ddp, "powersgd", rank=2, warmup_steps=1, factor_dtype=factor_dtype)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    names = [name for name, _ in ddp.module.named_parameters()]
+    worst = 0.0
+    losses = []
+    for step in range(STEPS):
+        x, y = batch(rank, step)
+        before = {name: tensors["error"].clone() for name, tensors in state.layer_state.items() if "error" in tensors}
+        local = torch.autograd.grad(torch.nn.functional.mse_loss(ddp.module(x), y), list(ddp.module.parameters()))
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(ddp(x), y)
+        loss.backward()
+        losses.append(float(loss))
+        for name, param, local_grad in zip(names, ddp.module.parameters(), local):
+            after = state.layer_state.get(name, {}).get("error")
+            if after is None:
+                continue
+            local_input = local_grad.reshape(param.shape[0], -1) + before.get(name, torch.zeros_like(after))
+            worst = max(worst, float((local_input - (param.grad.reshape(param.shape[0], -1) + after)).norm() / local_input.norm()))
+        optimizer.step()
+    compressed = dense = 0
+    for param in model.parameters():
+        if param.dim() == 2 and (param.shape[0] + param.shape[1]) * 2 * 2 < param.numel():
+            compressed += (param.shape[0] + param.shape[1]) * 2
+        else:
+            dense += param.numel()
+    numel = sum(p.numel() for p in model.parameters())
+    factor_bytes = 4 if factor_dtype == "float32" else 2
+    result = {
+        "sent": state.stats()["bytes_sent"],
+        "expected": 4 * numel + (STEPS - 1) * (4 * dense + factor_bytes * compressed),
+        "worst": worst,
+        "q": {name: t["q"].clone() for name, t in state.layer_state.items() if "q" in t},
+        "parameters": [p.detach().clone() for p in ddp.parameters()],
+        "loss": sum(losses[-5:]) / 5,
+    }
+    state.close()
+    return result
+
+
+def test_half_precision_factors_halve_factor_bytes_and_feed_the_rounding_back():
+    reference, _ = run_ranks(_factor_dtype_run, 2, "float32")
+    assert reference["sent"] == reference["expected"]
+    for factor_dtype in ("bfloat16", "float16"):
+        first, second = run_ranks(_factor_dtype_run, 2, factor_dtype)
+        for result in (first, second):
+            assert result["sent"] == result["expected"] < reference["sent"], factor_dtype
+            # local gradient + old residual == averaged output + new residual: the rounding of
+            # the factors is in the residual, not lost
+            assert result["worst"] < 1e-5, (factor_dtype, result["worst"])
+        assert first["q"].keys() == reference["q"].keys() and first["q"]
+        for name in first["q"]:
+            assert first["q"][name].dtype == torch.float32
+            assert torch.equal(first["q"][name], second["q"][name]), f"Q of {name} differs between ranks"
+        for a, b in zip(first["parameters"], second["parameters"]):
+            assert torch.equal(a, b)
+        assert abs(first["loss"] - reference["loss"]) < 0.05 * reference["loss"], (factor_dtype, first["loss"], reference["loss"])
+
+
+def _float16_overflow_run(rank: int, world_size: int) -> dict:
+    """float16 factors of huge gradients overflow on the wire: every rank skips the step."""
+    model = make_mlp(width=64, depth=3)
+    ddp = DistributedDataParallel(model, bucket_cap_mb=25)
+    state = gcomp.register(ddp, "powersgd", rank=2, warmup_steps=0, factor_dtype="float16")
+    finite = []
+    for step in range(3):
+        x, y = batch(rank, step)
+        scale = 1e9 if step == 1 and rank == 0 else 1.0  # only rank 0 overflows
+        ddp.zero_grad()
+        (scale * torch.nn.functional.mse_loss(ddp(x), y)).backward()
+        finite.append(all(bool(torch.isfinite(p.grad).all()) for p in ddp.parameters()))
+    stats = state.stats()
+    state.close()
+    return {"finite": finite, "skipped": stats["skipped_steps"]}
+
+
+def test_float16_factor_overflow_skips_the_step_on_every_rank():
+    for result in run_ranks(_float16_overflow_run, 2):
+        assert result["finite"] == [True, False, True], result
+        assert result["skipped"] == 1, result

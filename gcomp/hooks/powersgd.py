@@ -31,12 +31,19 @@ Tuning guide (same knobs as PyTorch's ``PowerSGDState``):
   step 1 does not disturb it).
 - ``min_compression_rate``: raise it to keep more small matrices dense (exact, cheap in bytes).
 - ``warm_start`` and ``error_feedback``: keep both on unless you are measuring their effect.
+- ``factor_dtype``: ``"bfloat16"`` (or ``"float16"``) sends P and Q in half precision: half the
+  bytes at the same rank, for links where the factors' transfer is what the step waits for. The
+  products are still formed in float32 and the residual ``M - P Q^T`` is taken with the rounded
+  factors every rank received, so the rounding is fed back like the low-rank error. P then
+  travels in its own allreduce (dense leftovers stay float32): one more collective per bucket.
+  float16 can overflow with large loss scales (the step is skipped on every rank, as any
+  non-finite step); bfloat16 keeps float32's range.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -98,6 +105,8 @@ class PowerSGDState(HookState):
         error_feedback: add each rank's residual back into its next gradient.
         orthogonalization_epsilon: added to column norms in Gram-Schmidt (zero columns stay zero).
         seed: seeds the shared random Q; every rank must use the same.
+        factor_dtype: dtype of P and Q on the wire: ``"float32"`` (the default, as PyTorch's hook),
+            ``"bfloat16"`` or ``"float16"`` (half the bytes; see the tuning guide).
         layer_ranks: per-layer rank overrides ``{parameter name: rank}`` (the adaptive controller
             sets these).
         worker: share a communication thread with another state in the same process.
@@ -124,10 +133,12 @@ class PowerSGDState(HookState):
         error_feedback: bool = True,
         orthogonalization_epsilon: float = 0.0,
         seed: int = 0,
+        factor_dtype: Union[str, torch.dtype] = "float32",
         layer_ranks: Optional[Mapping[str, int]] = None,
         worker: Optional[CommWorker] = None,
     ) -> None:
         _check_rank("rank", rank)
+        factor_dtype_name = _factor_dtype_name(factor_dtype)
         if isinstance(min_compression_rate, bool) or not isinstance(min_compression_rate, (int, float)) or not (
             math.isfinite(min_compression_rate) and min_compression_rate > 0
         ):
@@ -148,6 +159,9 @@ class PowerSGDState(HookState):
         self.error_feedback = error_feedback
         self.orthogonalization_epsilon = float(orthogonalization_epsilon)
         self.seed = seed
+        self.factor_dtype_name = factor_dtype_name
+        # None: the factors travel in the compute dtype, P inside collective 1 (PyTorch's layout).
+        self.factor_dtype: Optional[torch.dtype] = None if factor_dtype_name == "float32" else getattr(torch, factor_dtype_name)
         self.layer_ranks: dict[str, int] = {}
         self._workspaces: dict[tuple[int, int, torch.dtype], list[torch.Tensor]] = {}
         if layer_ranks:
@@ -162,6 +176,7 @@ class PowerSGDState(HookState):
             "error_feedback": self.error_feedback,
             "orthogonalization_epsilon": self.orthogonalization_epsilon,
             "seed": self.seed,
+            "factor_dtype": self.factor_dtype_name,
         }
 
     def layer_overrides(self) -> Mapping[str, int]:
@@ -251,15 +266,17 @@ class PowerSGDState(HookState):
         world = self.transport.world_size
         dtype = torch.float64 if buffer.dtype == torch.float64 else torch.float32
         element = torch.finfo(dtype).bits // 8
+        wire = self.factor_dtype  # None: P rides in collective 1, in the compute dtype
+        factor_element = element if wire is None else torch.finfo(wire).bits // 8
 
-        # Collective 1: [dense leftovers | P of every compressed layer].
+        # Collective 1: [dense leftovers | P of every compressed layer] (P apart with factor_dtype).
         with TrafficStats.timed(self.traffic, "compress"):
-            message = buffer.new_empty(plan.dense_numel + plan.p_numel, dtype=dtype)
+            message = buffer.new_empty(plan.dense_numel + (plan.p_numel if wire is None else 0), dtype=dtype)
             position = 0
             for slot in plan.dense:
                 message.narrow(0, position, slot.numel).copy_(slot.flat(buffer))
                 position += slot.numel
-            p_all = message.narrow(0, plan.dense_numel, plan.p_numel)
+            p_all = message.narrow(0, plan.dense_numel, plan.p_numel) if wire is None else message.new_empty(plan.p_numel)
             inputs: list[torch.Tensor] = []
             for group_index, group in enumerate(plan.groups):
                 matrices = self._workspace(layout, group_index, group, message)
@@ -277,10 +294,10 @@ class PowerSGDState(HookState):
                 torch.bmm(matrices, factors, out=group.p_view(p_all))
                 inputs.append(matrices)
 
-        self.transport.allreduce_sum_(message, self.traffic)
-        self._record_traffic(plan, buffer.element_size(), element)
+        finite = self._exchange_p(message, p_all, wire)
+        self._record_traffic(plan, buffer.element_size(), element, factor_element)
 
-        if not self.worker.runtime.all_finite(message):
+        if not finite:
             # Some rank had inf/NaN (in a dense leftover, or in a compressed layer's input, which
             # makes its rows of P non-finite): every rank sees the same non-finite sum, so every
             # rank skips the Q exchange, leaves its state untouched and hands GradScaler a
@@ -305,7 +322,10 @@ class PowerSGDState(HookState):
                 orthogonalize_(p, self.orthogonalization_epsilon)
                 torch.bmm(matrices.transpose(1, 2), p, out=group.q_view(q_all))
         if plan.q_numel:
-            self.transport.allreduce_sum_(q_all, self.traffic)
+            if wire is None:
+                self.transport.allreduce_sum_(q_all, self.traffic)
+            else:
+                q_all.copy_(self.transport.allreduce_sum_(q_all.to(wire), self.traffic))
             q_all.div_(world)
 
         with TrafficStats.timed(self.traffic, "decompress"):
@@ -340,14 +360,39 @@ class PowerSGDState(HookState):
             slot.flat(buffer).copy_(dense.narrow(0, position, slot.numel))
             position += slot.numel
 
-    def _record_traffic(self, plan: PowerSGDPlan, bucket_element: int, element: int) -> None:
+    def _exchange_p(self, message: torch.Tensor, p_all: torch.Tensor, wire: Optional[torch.dtype]) -> bool:
+        """Sum collective 1 over ranks (and P in ``wire``'s dtype when it travels apart, the sum
+        written back into ``p_all``); whether every summed value is finite (the same answer on
+        every rank, since every rank holds the same sums)."""
+        if wire is None or message.numel():
+            self.transport.allreduce_sum_(message, self.traffic)
+        if wire is None:
+            return self.worker.runtime.all_finite(message)
+        if p_all.numel():
+            p_all.copy_(self.transport.allreduce_sum_(p_all.to(wire), self.traffic))
+        # An overflow on the wire (float16) shows up here as inf in the float32 copy.
+        return self.worker.runtime.all_finite(message) and self.worker.runtime.all_finite(p_all)
+
+    def _record_traffic(self, plan: PowerSGDPlan, bucket_element: int, element: int, factor_element: int) -> None:
         for slot in plan.dense:
             self.traffic.record_layer(slot.name, slot.shape, "dense", slot.numel * element, slot.numel * bucket_element)
         for group in plan.groups:
             for slot in group.layers:
                 self.traffic.record_layer(
-                    slot.name, slot.shape, f"rank={group.rank}", (group.n + group.m) * group.rank * element, slot.numel * bucket_element
+                    slot.name, slot.shape, f"rank={group.rank}", (group.n + group.m) * group.rank * factor_element,
+                    slot.numel * bucket_element,
                 )
+
+
+FACTOR_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def _factor_dtype_name(factor_dtype: Any) -> str:
+    if isinstance(factor_dtype, torch.dtype):
+        factor_dtype = str(factor_dtype).replace("torch.", "")
+    if not isinstance(factor_dtype, str) or factor_dtype not in FACTOR_DTYPE_NAMES:
+        raise ValueError(f"factor_dtype must be one of {list(FACTOR_DTYPE_NAMES)}; got {factor_dtype!r}")
+    return factor_dtype
 
 
 def _check_rank(name: str, rank: Any) -> None:
