@@ -41,17 +41,19 @@ Tuning guide:
   ``m = k (value + index bytes)`` and receives ``(W - 1) m`` per layer. ``"shared_indices"``
   sends the top-k *of one leader rank* (cyclic): the leader broadcasts ``k`` indices (bit-packed
   or a bitmap, as in the message) and every rank's ``k`` values are summed by the allreduce the
-  step issues anyway, so a rank sends and receives about ``k value + k index / W`` and
-  ``k value + k index`` bytes whatever ``W``. Which is cheaper (``gcomp.hooks.topk.topk_step_cost``
-  computes both for your model and link): in bytes, shared indices win from ``W = 3`` on (at
-  ``W = 2`` the allgather receives one message, shared indices a ring allreduce that moves its
-  values about twice); in time, shared indices add the broadcast's latency (``log2 W`` messages)
-  to every bucket, so on a fast, latency-bound link with few ranks the allgather is faster, and
-  on a slow link or with many ranks shared indices are. What they cost in accuracy: every rank's
-  update follows the leader's support, so the entries that matter only on other ranks wait in
-  their error-feedback buffers until those ranks lead (measured in ``benchmarks/RESULTS.md``
-  §13). Use ``value_dtype`` equal to the model's dtype with shared indices to keep two
-  collectives per bucket (a narrower one adds an allreduce of the values in that dtype).
+  step issues anyway, so a rank sends about ``k value + k index / W`` and receives about
+  ``k value + k index (W - 1) / W`` bytes per layer whatever ``W``. Which is cheaper
+  (``gcomp.hooks.topk.topk_step_cost`` prices both for your model and link, from
+  ``gcomp.comm.cost``): in bytes, shared indices from ``W = 2`` on (the indices cross the wire
+  once, not once per receiver), and the gap grows linearly with ``W``; in modelled time they tie
+  at ``W = 2`` and win above, since the values ride in the allreduce issued anyway and a tree
+  broadcast takes ``log2 W`` latencies where the ring allgather takes ``W - 1``. With a
+  ``value_dtype`` narrower than the model's dtype the values need an allreduce of their own
+  (three collectives per bucket instead of two): on a latency-bound link with few ranks keep the
+  model's dtype. The price of shared indices is accuracy: every rank's update follows the leader's
+  support, and entries that matter only on other ranks wait in their error-feedback buffers until
+  those ranks lead (``benchmarks/RESULTS.md`` §13 measures the loss). Prefer them when ``W`` is
+  large or the link slow; keep the allgather for small ``W`` on fast links, where it costs little.
 - ``feedback``: ``"ef21"`` is the safe default for heterogeneous data; ``"ef14"`` needs one
   buffer per layer instead of two; ``"econtrol"`` adds a damped error feedback to EF21 (tune
   ``eta`` in {0.001, 0.01, 0.05, 0.1, 0.2}; ``eta = 0`` is EF21); ``"ef21-sgdm"`` makes EF21
