@@ -48,6 +48,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--factor-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="PowerSGD: dtype of P and Q on the wire (half precision: half the bytes)")
     parser.add_argument("--density", type=float, default=0.01, help="top-k: fraction of each layer's entries sent")
+    parser.add_argument("--topk-exchange", default="allgather", choices=("allgather", "shared_indices"),
+                        help="top-k: allgather each rank's own top-k, or shared_indices (a cyclic leader's indices, "
+                             "values summed: bytes per rank independent of the world size)")
     parser.add_argument("--feedback", default=None,
                         help="top-k / quantize error feedback: ef14, ef21, ef21-sgdm or econtrol "
                              "(default: the method's own, ef21 for topk, ef14 for quantize)")
@@ -130,7 +133,8 @@ def register_method(ddp: DistributedDataParallel, args: argparse.Namespace):
     if args.method == "powersgd":
         options = {"rank": args.rank, "warmup_steps": args.warmup_steps, "seed": args.seed, "factor_dtype": args.factor_dtype}
     elif args.method == "topk":
-        options = {"density": args.density, "eta": args.eta, "momentum": args.feedback_momentum, "warmup_steps": args.warmup_steps}
+        options = {"density": args.density, "eta": args.eta, "momentum": args.feedback_momentum, "warmup_steps": args.warmup_steps,
+                   "exchange": args.topk_exchange}
     elif args.method == "quantize":
         options = {"bits": args.bits, "rounding": args.rounding, "eta": args.eta, "momentum": args.feedback_momentum,
                    "warmup_steps": args.warmup_steps}

@@ -15,7 +15,7 @@ same point), so the two streams never interleave on one communicator.
 Devices: collectives take tensors where the bucket lives. NCCL needs CUDA tensors; gloo takes CPU
 tensors and, for allreduce, CUDA tensors too (it stages them through host memory). gloo's
 gather-into-one-tensor on CUDA tensors has known crashes (pytorch#152645), so an allgather of a
-CUDA message over gloo is staged through the CPU here, explicitly.
+CUDA message over gloo is staged through the CPU here, explicitly; a broadcast too, the same way.
 """
 from __future__ import annotations
 
@@ -91,3 +91,24 @@ class Transport:
             size = message.numel() * message.element_size()
             traffic.record_collective(sent=size, received=(world - 1) * size)
         return gathered.view(world, message.numel())
+
+    def broadcast_(self, tensor: torch.Tensor, root: int, traffic: Optional[TrafficStats]) -> torch.Tensor:
+        """Overwrite ``tensor`` on every rank with rank ``root``'s (a rank of this group), in place.
+
+        Counted as the root sending ``tensor`` once and every other rank receiving it once: the
+        bytes are those of one message whatever the world size.
+        """
+        world = self.world_size
+        if not 0 <= root < world:
+            raise ValueError(f"broadcast root must be a rank in [0, {world}); got {root}")
+        staged = tensor.is_cuda and self.backend == "gloo"
+        target = tensor.cpu() if staged else tensor
+        with TrafficStats.timed(traffic, "collective"):
+            dist.broadcast(target, group=self.process_group, group_src=root)
+        if staged:
+            tensor.copy_(target)
+        if traffic is not None:
+            size = tensor.numel() * tensor.element_size()
+            is_root = self.rank == root
+            traffic.record_collective(sent=size if is_root else 0, received=0 if is_root else size)
+        return tensor

@@ -21,6 +21,11 @@ same size and one allgather carries them all. What differs between methods is on
    so they cannot be summed by an allreduce). Decode all messages in rank order into one
    accumulator, scaled by ``1 / world``: bitwise the same on every rank, so replicated estimates
    stay identical.
+
+   Steps 3 and 5 are the *exchange strategy* (:mod:`gcomp.hooks.exchange`), chosen by the
+   ``exchange`` setting: the allgather above, or (top-k) shared indices, where a cyclic leader
+   broadcasts its top-k indices before step 4 and every rank's values at those indices are summed
+   inside collective 1 itself.
 6. The rule turns ``(own, mean)`` into new state (staged: committed at the end of the step unless
    some bucket was non-finite) and the averaged gradient written into the bucket.
 
@@ -48,6 +53,7 @@ from ..comm import CommWorker, check_agreement
 from ..feedback import ERROR, ESTIMATE, LOCAL_ESTIMATE, MOMENTUM, Exchange, FeedbackRule, make_feedback_rule
 from ..metrics import TrafficStats
 from .base import HookState
+from .exchange import AllgatherExchange, CompressedLayers, MessageExchange
 from .layout import BucketLayout, LayerSlot
 
 
@@ -70,11 +76,12 @@ class MessagePlan:
 
 
 class MessageState(HookState):
-    """Base class of hooks that send one packed message per bucket through an allgather.
+    """Base class of hooks that send one packed message per bucket (through an allgather, or a
+    strategy of :mod:`gcomp.hooks.exchange` given as ``exchange``).
 
     Subclasses implement the codec interface (see the module docstring) and extend
-    :meth:`config`; the feedback rule, the dense/compressed split, both collectives, the health
-    flag and the staged state updates live here.
+    :meth:`config`; the feedback rule, the dense/compressed split, collective 1, the health
+    flag and the staged state updates live here, the compressed layers' exchange in the strategy.
     """
 
     # Every tensor name a rule may store; the chosen rule uses a subset (see gcomp.feedback).
@@ -96,6 +103,7 @@ class MessageState(HookState):
         warmup_steps: int,
         min_compression_rate: float,
         worker: Optional[CommWorker] = None,
+        exchange: Optional[MessageExchange] = None,
     ) -> None:
         if isinstance(min_compression_rate, bool) or not isinstance(min_compression_rate, (int, float)) or not (
             math.isfinite(min_compression_rate) and min_compression_rate > 0
@@ -108,6 +116,8 @@ class MessageState(HookState):
         self.momentum = float(momentum)
         self.min_compression_rate = float(min_compression_rate)
         self.rule: FeedbackRule = rule
+        self.exchange: MessageExchange = exchange if exchange is not None else AllgatherExchange()
+        self.exchange.check_codec(self)
         # Layouts whose split into compressed / initialised layers all ranks have confirmed.
         self._agreed_layouts: set[int] = set()
 
@@ -149,7 +159,7 @@ class MessageState(HookState):
                 continue
             setting = self.layer_setting(slot)
             message_bytes = self.message_bytes(slot.numel, setting)
-            if message_bytes * self.min_compression_rate < slot.numel * dense_element:
+            if worth_compressing(message_bytes, slot.numel * dense_element, self.min_compression_rate):
                 compressed.append(MessageLayer(slot, setting, self.setting_label(slot, setting), message_bytes))
             else:
                 dense.append(slot)
@@ -188,28 +198,20 @@ class MessageState(HookState):
             self._agreed_layouts.add(fingerprint)
 
         with TrafficStats.timed(self.traffic, "compress"):
-            # What this rank sends compressed, packed, and decoded again (the values receivers see).
-            offsets, numels, settings = [], [], []
-            position = 0
-            for layer in compressed:
-                offsets.append(position)
-                numels.append(layer.slot.numel)
-                settings.append(layer.setting)
-                position += layer.slot.numel
-            sent = local.new_empty(position)
-            for layer, offset in zip(compressed, offsets):
+            # What this rank sends compressed, and its decoded message (the values receivers see).
+            batch = CompressedLayers.of(compressed)
+            sent = local.new_empty(batch.numel)
+            for layer, offset in zip(compressed, batch.offsets):
                 sent.narrow(0, offset, layer.slot.numel).copy_(self.rule.message_input(layer.slot.flat(local), stored[layer.slot.name]))
-            packed = self.pack(sent, offsets, numels, settings, compressed, step) if compressed else None
-            decoded_dtype = self.decode_dtype or sent.dtype
-            own = torch.zeros_like(sent, dtype=decoded_dtype)
-            if packed is not None:
-                self.unpack_add_(own, packed, offsets, numels, settings, 1.0)
+            outgoing = self.exchange.outgoing(self, sent, batch, step, buffer.dtype) if compressed else None
+            own = outgoing.own if outgoing is not None else torch.zeros_like(sent)
+            summed = outgoing.summed if outgoing is not None and outgoing.summed is not None else buffer.new_empty(0)
 
-            # Collective 1: [dense leftovers | gradients of layers initialised this step | flag],
-            # in the bucket's dtype.
+            # Collective 1: [dense leftovers | gradients of layers initialised this step | values
+            # the exchange sums here | flag], in the bucket's dtype.
             exact = plan.dense + initialised_now
             exact_numel = sum(slot.numel for slot in exact)
-            message = buffer.new_empty(exact_numel + 1)
+            message = buffer.new_empty(exact_numel + summed.numel() + 1)
             position = 0
             kept_dense: list[tuple[LayerSlot, dict[str, torch.Tensor]]] = []
             for slot in plan.dense:
@@ -221,11 +223,12 @@ class MessageState(HookState):
             for slot in initialised_now:
                 message.narrow(0, position, slot.numel).copy_(slot.flat(local))
                 position += slot.numel
+            message.narrow(0, exact_numel, summed.numel()).copy_(summed)
             # Health flag without a host read: 0 when this rank's gradients and decoded message are
             # finite, NaN otherwise (inf * 0). Stored state is always finite (non-finite steps are
             # never committed), so these two sums see every way this step can go non-finite.
             health = local.sum(dtype=torch.float64) + own.sum(dtype=torch.float64)
-            message.narrow(0, exact_numel, 1).copy_((health * 0).reshape(1))
+            message.narrow(0, exact_numel + summed.numel(), 1).copy_((health * 0).reshape(1))
             if half_bucket:
                 message.div_(world)  # as DDP does for half precision: the sum stays in range
 
@@ -237,21 +240,19 @@ class MessageState(HookState):
             nbytes = slot.numel * buffer.element_size()
             self.traffic.record_layer(slot.name, slot.shape, "dense (init)", nbytes, nbytes)
 
-        mean_exact = message.narrow(0, 0, exact_numel)
+        means = message.narrow(0, 0, exact_numel + summed.numel())
         if not half_bucket:
-            mean_exact.div_(world)
+            means.div_(world)
+        mean_exact = means.narrow(0, 0, exact_numel)
         position = 0
         for slot in exact:
             slot.flat(buffer).copy_(mean_exact.narrow(0, position, slot.numel))
             position += slot.numel
         if not self.worker.runtime.all_finite(message):
             # Some rank had inf/NaN, or a value that overflowed the wire format: every rank sees
-            # the same non-finite sum, so every rank skips the allgather, leaves its state
+            # the same non-finite sum, so every rank skips the exchange, leaves its state
             # untouched and hands GradScaler a non-finite bucket.
-            self.skip_step(local, layout, step)
-            for layer in compressed:
-                layer.slot.flat(buffer).fill_(math.nan)
-            return buffer
+            return self._skip(buffer, local, layout, step, compressed)
 
         all_keys = self.rule.per_rank_tensors + self.rule.replicated_tensors
         for slot, keep in kept_dense:
@@ -261,21 +262,19 @@ class MessageState(HookState):
             mean = mean_exact.narrow(0, position, slot.numel).to(dtype)
             self.store.stage(slot.name, self.rule.dense_init(slot.flat(local), mean))
             position += slot.numel
-        if self.observer is not None:  # only finite steps are profiled
-            for layer, offset in zip(compressed, offsets):
-                self.observer(layer.slot.name, layer.slot.shape, sent.narrow(0, offset, layer.slot.numel))
 
         if compressed:
-            gathered = self.transport.allgather(packed, self.traffic)
-            for layer in compressed:
-                self.traffic.record_layer(
-                    layer.slot.name, layer.slot.shape, layer.label, layer.message_bytes, layer.slot.numel * buffer.element_size(),
-                )
+            summed_mean = means.narrow(0, exact_numel, summed.numel()) if outgoing.summed is not None else None
+            mean = self.exchange.mean(self, outgoing, summed_mean, sent, batch)
+            if mean is None:  # the exchanged values overflowed their dtype: as a non-finite flag
+                return self._skip(buffer, local, layout, step, compressed)
+            if self.observer is not None:  # only finite steps are profiled
+                for layer, offset in zip(compressed, batch.offsets):
+                    self.observer(layer.slot.name, layer.slot.shape, sent.narrow(0, offset, layer.slot.numel))
+            self.exchange.record_layers(self, batch, step, buffer.element_size())
             with TrafficStats.timed(self.traffic, "decompress"):
-                mean = torch.zeros_like(sent, dtype=decoded_dtype)
-                self.unpack_add_(mean, gathered, offsets, numels, settings, 1.0 / world)
                 own, mean = own.to(dtype), mean.to(dtype)  # no copy when the codec decodes in dtype
-                for layer, offset in zip(compressed, offsets):
+                for layer, offset in zip(compressed, batch.offsets):
                     part = (offset, layer.slot.numel)
                     exchange = Exchange(
                         gradient=layer.slot.flat(local), sent=sent.narrow(0, *part), own=own.narrow(0, *part), mean=mean.narrow(0, *part)
@@ -284,3 +283,17 @@ class MessageState(HookState):
                     layer.slot.flat(buffer).copy_(update.output)
                     self.store.stage(layer.slot.name, update.stored)
         return buffer
+
+    def _skip(self, buffer: torch.Tensor, local: torch.Tensor, layout: BucketLayout, step: int,
+              compressed: Sequence[MessageLayer]) -> torch.Tensor:
+        """Every rank found the same sums non-finite: drop the step's state, hand back NaNs."""
+        self.skip_step(local, layout, step)
+        for layer in compressed:
+            layer.slot.flat(buffer).fill_(math.nan)
+        return buffer
+
+
+def worth_compressing(message_bytes: int, dense_bytes: int, min_compression_rate: float) -> bool:
+    """The split rule of :class:`MessageState` (and of the cost model): a layer is sent as a
+    message only if the message is ``min_compression_rate`` times smaller than the dense layer."""
+    return message_bytes * min_compression_rate < dense_bytes

@@ -20,6 +20,11 @@ Follow one bucket through the protocol top-k shares with quantization
    so the messages cannot be summed by an allreduce. Decode all messages in rank order into one
    accumulator, scaled by ``1 / world``: bitwise the same on every rank, so replicated estimates
    stay identical.
+
+   With ``exchange="shared_indices"`` (ScaleCom) the supports are made equal instead: before
+   step 4 a leader rank (``step mod world``) broadcasts the indices of *its* top-k, every rank
+   sends its own values at those indices, and the values are summed inside collective 1. Nothing
+   is gathered, so no rank's bytes grow with the world size (:mod:`gcomp.hooks.exchange`).
 6. The rule turns ``(own, mean)`` into new state (staged: committed at the end of the step unless
    some bucket was non-finite) and the averaged gradient written into the bucket.
 
@@ -29,9 +34,26 @@ overflow where the mean fits.
 
 Tuning guide:
 
-- ``density``: fraction of each layer's entries sent (0.001-0.01 is typical for top-k). Every rank
-  *receives* ``world - 1`` messages, so top-k only beats a dense allreduce in bytes when the
-  message is smaller than about ``2 / world`` of the layer.
+- ``density``: fraction of each layer's entries sent (0.001-0.01 is typical for top-k). With the
+  allgather every rank *receives* ``world - 1`` messages, so top-k only beats a dense allreduce in
+  bytes when the message is smaller than about ``2 / world`` of the layer.
+- ``exchange``: ``"allgather"`` (default) sends each rank's own top-k; every rank sends
+  ``m = k (value + index bytes)`` and receives ``(W - 1) m`` per layer. ``"shared_indices"``
+  sends the top-k *of one leader rank* (cyclic): the leader broadcasts ``k`` indices (bit-packed
+  or a bitmap, as in the message) and every rank's ``k`` values are summed by the allreduce the
+  step issues anyway, so a rank sends about ``k value + k index / W`` and receives about
+  ``k value + k index (W - 1) / W`` bytes per layer whatever ``W``. Which is cheaper
+  (``gcomp.hooks.topk.topk_step_cost`` prices both for your model and link, from
+  ``gcomp.comm.cost``): in bytes, shared indices from ``W = 2`` on (the indices cross the wire
+  once, not once per receiver), and the gap grows linearly with ``W``; in modelled time they tie
+  at ``W = 2`` and win above, since the values ride in the allreduce issued anyway and a tree
+  broadcast takes ``log2 W`` latencies where the ring allgather takes ``W - 1``. With a
+  ``value_dtype`` narrower than the model's dtype the values need an allreduce of their own
+  (three collectives per bucket instead of two): on a latency-bound link with few ranks keep the
+  model's dtype. The price of shared indices is accuracy: every rank's update follows the leader's
+  support, and entries that matter only on other ranks wait in their error-feedback buffers until
+  those ranks lead (``benchmarks/RESULTS.md`` §13 measures the loss). Prefer them when ``W`` is
+  large or the link slow; keep the allgather for small ``W`` on fast links, where it costs little.
 - ``feedback``: ``"ef21"`` is the safe default for heterogeneous data; ``"ef14"`` needs one
   buffer per layer instead of two; ``"econtrol"`` adds a damped error feedback to EF21 (tune
   ``eta`` in {0.001, 0.01, 0.05, 0.1, 0.2}; ``eta = 0`` is EF21); ``"ef21-sgdm"`` makes EF21
@@ -52,10 +74,12 @@ import torch.distributed as dist
 
 from .. import ops
 from ..comm import CommWorker
+from ..comm.cost import Collective, CommunicationCost, Link, communication_cost
 from ..compress.sparse import sparse_message_layout
 from .base import make_hook
+from .exchange import CompressedLayers, LayerWire, make_exchange
 from .layout import LayerSlot
-from .message import MessageLayer, MessageState
+from .message import MessageLayer, MessageState, worth_compressing
 
 VALUE_DTYPE_NAMES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 
@@ -74,12 +98,16 @@ class TopKState(MessageState):
         min_compression_rate: send a layer sparse only if ``message bytes * rate < dense bytes``.
         layer_densities: per-layer density overrides ``{parameter name: density}`` (the adaptive
             controller sets these).
+        exchange: how the sparse layers travel: ``"allgather"`` (each rank's own top-k) or
+            ``"shared_indices"`` (a cyclic leader's top-k indices, every rank's values summed; bytes
+            per rank independent of the world size). See the tuning guide above.
         worker: share a communication thread with another state in the same process.
 
     Example::
 
         state = gcomp.TopKState(density=0.01, feedback="ef21", warmup_steps=100)
         ddp_model.register_comm_hook(state, gcomp.topk_hook)
+        # or, for many ranks: gcomp.register(ddp_model, "topk", density=0.01, exchange="shared_indices")
     """
 
     method = "topk"
@@ -97,13 +125,14 @@ class TopKState(MessageState):
         warmup_steps: int = 10,
         min_compression_rate: float = 2.0,
         layer_densities: Optional[Mapping[str, float]] = None,
+        exchange: str = "allgather",
         worker: Optional[CommWorker] = None,
     ) -> None:
         _check_density("density", density)
         value_dtype_name = _value_dtype_name(value_dtype)
         super().__init__(
             process_group, feedback=feedback, eta=eta, momentum=momentum, warmup_steps=warmup_steps,
-            min_compression_rate=min_compression_rate, worker=worker,
+            min_compression_rate=min_compression_rate, worker=worker, exchange=make_exchange(exchange),
         )
         self.density = float(density)
         self.value_dtype_name = value_dtype_name
@@ -121,6 +150,7 @@ class TopKState(MessageState):
             "momentum": self.momentum,
             "value_dtype": self.value_dtype_name,
             "min_compression_rate": self.min_compression_rate,
+            "exchange": self.exchange.name,
         }
 
     def set_layer_densities(self, layer_densities: Mapping[str, float]) -> None:
@@ -145,8 +175,7 @@ class TopKState(MessageState):
 
     # ------------------------------------------------------------------ the codec (setting: k)
     def layer_setting(self, slot: LayerSlot) -> int:
-        density = self.layer_densities.get(slot.name, self.density)
-        return min(slot.numel, max(1, round(density * slot.numel)))
+        return topk_k(slot.numel, self.layer_densities.get(slot.name, self.density))
 
     def message_bytes(self, numel: int, setting: int) -> int:
         return sparse_message_layout([numel], [setting], self.value_dtype).message_bytes
@@ -161,6 +190,104 @@ class TopKState(MessageState):
     def unpack_add_(self, out: torch.Tensor, messages: torch.Tensor, offsets: Sequence[int], numels: Sequence[int],
                     settings: Sequence[int], weight: float) -> None:
         ops.sparse_unpack_add_(out, messages, offsets, numels, settings, self.value_dtype, weight)
+
+    # ------------------------------------------------------------------ shared indices (IndexCodec)
+    def pack_indices(self, sent: torch.Tensor, batch: CompressedLayers) -> torch.Tensor:
+        """The index sections of this rank's packed message, back to back: the leader's broadcast."""
+        packed = ops.topk_pack(sent, batch.offsets, batch.numels, batch.settings, self.value_dtype)
+        sections = sparse_message_layout(batch.numels, batch.settings, self.value_dtype).layers
+        return torch.cat([packed.narrow(0, section.index_offset, section.index_bytes) for section in sections])
+
+    def index_bytes(self, numel: int, setting: int) -> int:
+        return sparse_message_layout([numel], [setting], self.value_dtype).layers[0].index_bytes
+
+    def value_bytes(self, numel: int, setting: int) -> int:
+        return setting * (torch.finfo(self.value_dtype).bits // 8)
+
+    def unpack_indices(self, message: torch.Tensor, batch: CompressedLayers) -> torch.Tensor:
+        """Absolute positions selected by an index message, through the message codec itself: the
+        index sections go back into an otherwise empty message, which the native ops decode (and
+        validate: a corrupted broadcast raises on every rank alike, as all hold the same bytes)."""
+        layout = sparse_message_layout(batch.numels, batch.settings, self.value_dtype)
+        expected = sum(section.index_bytes for section in layout.layers)
+        if message.numel() != expected:
+            raise ValueError(f"index message has {message.numel()} bytes, the layers need {expected}")
+        template = message.new_zeros(layout.message_bytes)
+        position = 0
+        for section in layout.layers:
+            template.narrow(0, section.index_offset, section.index_bytes).copy_(message.narrow(0, position, section.index_bytes))
+            position += section.index_bytes
+        _, indices = ops.sparse_unpack(template, batch.offsets, batch.numels, batch.settings, self.value_dtype)
+        return indices
+
+
+def topk_k(numel: int, density: float) -> int:
+    """Entries a layer of ``numel`` sends at ``density``: ``max(1, round(density * numel))``."""
+    return min(numel, max(1, round(density * numel)))
+
+
+def topk_step_collectives(
+    buckets: Sequence[Sequence[int]],
+    *,
+    density: float = 0.01,
+    exchange: str = "allgather",
+    value_dtype: Union[str, torch.dtype] = "float32",
+    bucket_dtype: torch.dtype = torch.float32,
+    min_compression_rate: float = 2.0,
+) -> list[Collective]:
+    """The collectives one compressed sync step of top-k issues, bucket after bucket, for DDP
+    buckets given as the element counts of their parameters (``[[numel, ...], ...]``).
+
+    The steady state: warm-up over and every sparse layer initialised (EF21/EControl/EF21-SGDM
+    average a layer densely once, on its first compressed step). The split into sparse and dense
+    layers is the hook's own (:func:`gcomp.hooks.message.worth_compressing`), and the sizes are
+    those of the wire format, so :func:`gcomp.comm.cost.communication_cost` of this list gives
+    ``stats()``'s bytes exactly.
+    """
+    _check_density("density", density)
+    value = getattr(torch, _value_dtype_name(value_dtype))
+    strategy = make_exchange(exchange)
+    dense_element = torch.finfo(bucket_dtype).bits // 8
+    value_size = torch.finfo(value).bits // 8
+    collectives: list[Collective] = []
+    for numels in buckets:
+        exact_numel, wires = 0, []
+        for numel in numels:
+            numel = int(numel)
+            if numel == 0:
+                continue
+            k = topk_k(numel, density)
+            layout = sparse_message_layout([numel], [k], value)
+            if worth_compressing(layout.message_bytes, numel * dense_element, min_compression_rate):
+                wires.append(LayerWire(layout.message_bytes, k * value_size, layout.layers[0].index_bytes))
+            else:
+                exact_numel += numel
+        exact_bytes = (exact_numel + 1) * dense_element  # and the health flag
+        if wires:
+            collectives += strategy.bucket_collectives(exact_bytes, wires, value == bucket_dtype)
+        else:
+            collectives.append(Collective("allreduce", exact_bytes))
+    return collectives
+
+
+def topk_step_cost(
+    buckets: Sequence[Sequence[int]],
+    world: int,
+    link: Link,
+    *,
+    algorithms: Optional[dict[str, str]] = None,
+    **options: Any,
+) -> CommunicationCost:
+    """Bytes per rank and modelled seconds of one compressed top-k step (``options``: those of
+    :func:`topk_step_collectives`; ``algorithms`` as for :func:`gcomp.comm.cost.communication_cost`).
+
+    Example: which exchange is cheaper for 64 ranks on 10 Gbit/s with 20 us per message::
+
+        buckets = [[p.numel() for p in model.parameters()]]
+        for exchange in ("allgather", "shared_indices"):
+            print(exchange, topk_step_cost(buckets, 64, Link(1.25e9, 20e-6), exchange=exchange))
+    """
+    return communication_cost(topk_step_collectives(buckets, **options), world, link, algorithms)
 
 
 def _check_density(name: str, density: Any) -> None:
