@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -101,6 +101,9 @@ class PowerSGDState(HookState):
         layer_ranks: per-layer rank overrides ``{parameter name: rank}`` (the adaptive controller
             sets these).
         worker: share a communication thread with another state in the same process.
+        hierarchical: ``"auto"`` (default): on several nodes with several processes each, sum
+            densely inside each node and run PowerSGD among one leader per node; ``True``
+            requires that path, ``False`` never takes it (see :mod:`gcomp.comm.topology`).
 
     Example::
 
@@ -126,6 +129,7 @@ class PowerSGDState(HookState):
         seed: int = 0,
         layer_ranks: Optional[Mapping[str, int]] = None,
         worker: Optional[CommWorker] = None,
+        hierarchical: Union[str, bool] = "auto",
     ) -> None:
         _check_rank("rank", rank)
         if isinstance(min_compression_rate, bool) or not isinstance(min_compression_rate, (int, float)) or not (
@@ -141,7 +145,7 @@ class PowerSGDState(HookState):
                 raise TypeError(f"{name} must be True or False; got {value!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an integer; got {seed!r}")
-        super().__init__(process_group, warmup_steps=warmup_steps, worker=worker)
+        super().__init__(process_group, warmup_steps=warmup_steps, worker=worker, hierarchical=hierarchical)
         self.rank = rank
         self.min_compression_rate = float(min_compression_rate)
         self.warm_start = warm_start
@@ -248,7 +252,7 @@ class PowerSGDState(HookState):
 
     def reduce(self, buffer: torch.Tensor, layout: BucketLayout, step: int) -> torch.Tensor:
         plan: PowerSGDPlan = self.plan_for(layout, self._build_plan)
-        world = self.transport.world_size
+        world = self.exchange.world_size
         dtype = torch.float64 if buffer.dtype == torch.float64 else torch.float32
         element = torch.finfo(dtype).bits // 8
 
@@ -277,7 +281,7 @@ class PowerSGDState(HookState):
                 torch.bmm(matrices, factors, out=group.p_view(p_all))
                 inputs.append(matrices)
 
-        self.transport.allreduce_sum_(message, self.traffic)
+        self.exchange.allreduce_sum_(message, self.traffic)
         self._record_traffic(plan, buffer.element_size(), element)
 
         if not self.worker.runtime.all_finite(message):
@@ -305,7 +309,7 @@ class PowerSGDState(HookState):
                 orthogonalize_(p, self.orthogonalization_epsilon)
                 torch.bmm(matrices.transpose(1, 2), p, out=group.q_view(q_all))
         if plan.q_numel:
-            self.transport.allreduce_sum_(q_all, self.traffic)
+            self.exchange.allreduce_sum_(q_all, self.traffic)
             q_all.div_(world)
 
         with TrafficStats.timed(self.traffic, "decompress"):

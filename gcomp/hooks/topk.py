@@ -75,6 +75,8 @@ class TopKState(MessageState):
         layer_densities: per-layer density overrides ``{parameter name: density}`` (the adaptive
             controller sets these).
         worker: share a communication thread with another state in the same process.
+        hierarchical: ``"auto"`` (default), ``True`` or ``False``: sum densely inside each node
+            and exchange messages among one leader per node (see :class:`~gcomp.PowerSGDState`).
 
     Example::
 
@@ -98,12 +100,13 @@ class TopKState(MessageState):
         min_compression_rate: float = 2.0,
         layer_densities: Optional[Mapping[str, float]] = None,
         worker: Optional[CommWorker] = None,
+        hierarchical: Union[str, bool] = "auto",
     ) -> None:
         _check_density("density", density)
         value_dtype_name = _value_dtype_name(value_dtype)
         super().__init__(
             process_group, feedback=feedback, eta=eta, momentum=momentum, warmup_steps=warmup_steps,
-            min_compression_rate=min_compression_rate, worker=worker,
+            min_compression_rate=min_compression_rate, worker=worker, hierarchical=hierarchical,
         )
         self.density = float(density)
         self.value_dtype_name = value_dtype_name
