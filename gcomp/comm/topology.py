@@ -153,11 +153,11 @@ class NodeGroups:
     topology: Topology
     node: int
     intra: Transport  # this node's ranks; the leader is group rank LEADER
-    exchange: Optional[Transport]  # the node leaders (None on the other ranks)
+    leaders: Optional[Transport]  # the node leaders (None on the other ranks)
 
     @property
     def is_leader(self) -> bool:
-        return self.exchange is not None
+        return self.leaders is not None
 
     def describe(self) -> dict[str, Any]:
         return {**self.topology.describe(), "node": self.node, "leader": self.is_leader}
@@ -194,6 +194,6 @@ def discover(
         if me in node:
             intra = Transport.on_group(group, link="intra_node")
     leaders = dist.new_group(ranks=[global_ranks[rank] for rank in topology.leaders], backend=backend)
-    exchange = Transport.on_group(leaders, link="inter_node") if me in topology.leaders else None
+    leader_transport = Transport.on_group(leaders, link="inter_node") if me in topology.leaders else None
     assert intra is not None
-    return NodeGroups(topology=topology, node=topology.node_of(me), intra=intra, exchange=exchange), ""
+    return NodeGroups(topology=topology, node=topology.node_of(me), intra=intra, leaders=leader_transport), ""

@@ -71,11 +71,11 @@ class HookState(ABC):
     ) -> None:
         self.lifecycle = StepLifecycle(warmup_steps)
         self.hierarchical = check_hierarchical_option(hierarchical)
-        # ``transport``: every rank (agreement checks, the flat path). ``exchange``: the group the
+        # ``transport``: every rank (agreement checks, the flat path). ``codec_transport``: the group the
         # codec runs over, the same in the flat path, the node leaders' on the hierarchical path
         # (None on the other ranks, which never run the codec). Both known after the first hook call.
         self.transport = Transport(process_group)
-        self.exchange: Optional[Transport] = self.transport
+        self.codec_transport: Optional[Transport] = self.transport
         self.node_groups: Optional[NodeGroups] = None
         self.path_reason = "not decided before the first step"
         self.worker = worker if worker is not None else CommWorker(name=f"gcomp-{self.method}")
@@ -308,8 +308,8 @@ class HookState(ABC):
 
     def dense_average_(self, buffer: torch.Tensor) -> torch.Tensor:
         """Plain averaging allreduce, in place (divide first: safe for half precision)."""
-        buffer.div_(self.exchange.world_size)
-        return self.exchange.allreduce_sum_(buffer, self.traffic)
+        buffer.div_(self.codec_transport.world_size)
+        return self.codec_transport.allreduce_sum_(buffer, self.traffic)
 
     def shared_randn(self, shape: tuple[int, ...], keys: tuple[Any, ...], like: torch.Tensor) -> torch.Tensor:
         """Standard normal numbers seeded by ``keys`` alone, on ``like``'s device and dtype: drawn on
@@ -380,7 +380,7 @@ class HookState(ABC):
         return result
 
     def _average(self, buffer: torch.Tensor, layout: BucketLayout, step: int) -> torch.Tensor:
-        """Average ``buffer`` over :attr:`exchange`: densely during warm-up, else with the codec."""
+        """Average ``buffer`` over :attr:`codec_transport`: densely during warm-up, else with the codec."""
         if self.lifecycle.in_warmup(step):
             for slot in layout.layers:
                 nbytes = slot.numel * buffer.element_size()
@@ -400,7 +400,7 @@ class HookState(ABC):
             self.path_reason = reason
             logger.info("gcomp: %s runs the flat path over %d ranks: %s", self.method, self.transport.world_size, reason)
             return
-        self.exchange = self.node_groups.exchange
+        self.codec_transport = self.node_groups.leaders
         topology = self.node_groups.topology
         self.path_reason = "multi-node topology"
         logger.info(

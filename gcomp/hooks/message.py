@@ -167,7 +167,7 @@ class MessageState(HookState):
 
     def reduce(self, buffer: torch.Tensor, layout: BucketLayout, step: int) -> torch.Tensor:
         plan: MessagePlan = self.plan_for(layout, self._build_plan)
-        world = self.exchange.world_size
+        world = self.codec_transport.world_size
         device = buffer.device
         dtype = torch.float64 if buffer.dtype == torch.float64 else torch.float32
         half_bucket = buffer.dtype in (torch.float16, torch.bfloat16)
@@ -182,7 +182,7 @@ class MessageState(HookState):
             # sizes of both collectives: they can only differ after inconsistent checkpoints.
             fresh = {slot.name for slot in initialised_now}
             check_agreement(
-                self.exchange, self.worker.runtime, self.agreement_topic,
+                self.codec_transport, self.worker.runtime, self.agreement_topic,
                 [(layer.slot.name, layer.setting, layer.slot.name in fresh) for layer in plan.compressed], device,
                 hint="Were checkpoints of different runs loaded on different ranks?",
             )
@@ -230,7 +230,7 @@ class MessageState(HookState):
             if half_bucket:
                 message.div_(world)  # as DDP does for half precision: the sum stays in range
 
-        self.exchange.allreduce_sum_(message, self.traffic)
+        self.codec_transport.allreduce_sum_(message, self.traffic)
         for slot in plan.dense:
             nbytes = slot.numel * buffer.element_size()
             self.traffic.record_layer(slot.name, slot.shape, "dense", nbytes, nbytes)
@@ -267,7 +267,7 @@ class MessageState(HookState):
                 self.observer(layer.slot.name, layer.slot.shape, sent.narrow(0, offset, layer.slot.numel))
 
         if compressed:
-            gathered = self.exchange.allgather(packed, self.traffic)
+            gathered = self.codec_transport.allgather(packed, self.traffic)
             for layer in compressed:
                 self.traffic.record_layer(
                     layer.slot.name, layer.slot.shape, layer.label, layer.message_bytes, layer.slot.numel * buffer.element_size(),

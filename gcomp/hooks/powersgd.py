@@ -252,7 +252,7 @@ class PowerSGDState(HookState):
 
     def reduce(self, buffer: torch.Tensor, layout: BucketLayout, step: int) -> torch.Tensor:
         plan: PowerSGDPlan = self.plan_for(layout, self._build_plan)
-        world = self.exchange.world_size
+        world = self.codec_transport.world_size
         dtype = torch.float64 if buffer.dtype == torch.float64 else torch.float32
         element = torch.finfo(dtype).bits // 8
 
@@ -281,7 +281,7 @@ class PowerSGDState(HookState):
                 torch.bmm(matrices, factors, out=group.p_view(p_all))
                 inputs.append(matrices)
 
-        self.exchange.allreduce_sum_(message, self.traffic)
+        self.codec_transport.allreduce_sum_(message, self.traffic)
         self._record_traffic(plan, buffer.element_size(), element)
 
         if not self.worker.runtime.all_finite(message):
@@ -309,7 +309,7 @@ class PowerSGDState(HookState):
                 orthogonalize_(p, self.orthogonalization_epsilon)
                 torch.bmm(matrices.transpose(1, 2), p, out=group.q_view(q_all))
         if plan.q_numel:
-            self.exchange.allreduce_sum_(q_all, self.traffic)
+            self.codec_transport.allreduce_sum_(q_all, self.traffic)
             q_all.div_(world)
 
         with TrafficStats.timed(self.traffic, "decompress"):

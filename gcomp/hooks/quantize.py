@@ -161,7 +161,7 @@ class QuantizeState(MessageState):
     def _seed(self, step: int, name: str) -> int:
         """Stochastic rounding's seed of one layer: a function of (step, rank, layer) only, so a
         resumed run draws the same numbers and ranks draw independent ones."""
-        return zlib.crc32(f"quantize|{step}|{self.exchange.rank}|{name}".encode("utf-8"))
+        return zlib.crc32(f"quantize|{step}|{self.codec_transport.rank}|{name}".encode("utf-8"))
 
     def _groups(self, settings: Sequence[int]) -> list[tuple[int, list[int]]]:
         """Layer indices by bit width, widths in ascending order: ``quantize_pack`` takes one
