@@ -3,6 +3,7 @@
     python benchmarks/bench_cluster.py --quick                          # CI: tiny model, one rate, a few minutes
     python benchmarks/bench_cluster.py --json benchmarks/results/cluster.json --plots benchmarks/results/cluster
     python benchmarks/bench_cluster.py --rates 50mbit 1gbit none --methods none powersgd -- --data ../shared/data/tinyshakespeare.txt
+    python benchmarks/bench_cluster.py --nproc-per-node 2 --hierarchical off on --methods powersgd topk   # 2 nodes x 2 processes
 
 Each (method, rate) pair is one launch/train.py run on two network namespaces joined by a veth pair
 shaped to the rate (launch/netns.py), one torchrun per namespace, exactly as on two machines. Per
@@ -20,6 +21,12 @@ pair it reports:
   With ``none`` among the rates (an unshaped link), comm time = step time - unshaped step time.
 - time to the target validation loss (``--target-loss``; default: the worst final validation loss
   at that rate, so every method reaches it), final training and validation loss.
+
+With ``--nproc-per-node 2`` each node runs two workers (they talk over the namespace's loopback,
+unshaped, as GPUs of one machine over NVLink; only traffic between nodes crosses the shaped link),
+and ``--hierarchical off on`` runs every gcomp method both flat and hierarchically (dense inside a
+node, compressed among node leaders): node 0's NIC counters then say what each path sends between
+nodes. Rows are labelled ``method/flat`` and ``method/hier``.
 
 Runs go one after another (2 cores here: concurrent runs would measure each other). Timings are
 compared as ratios within one run of this script, never asserted. Extra arguments after ``--`` go
@@ -59,6 +66,8 @@ class Settings:
     batch_size: int
     rank: int
     rates: tuple[str, ...]
+    nproc_per_node: int = 1
+    hierarchical: tuple[str, ...] = ("auto",)
 
 
 QUICK = Settings(model="tiny", steps=40, warmup_steps=10, eval_every=10, log_every=5, batch_size=8, rank=4, rates=("100mbit",))
@@ -248,6 +257,26 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def link_table(results: list[dict[str, Any]]) -> str:
+    """What crossed the link between the nodes: both nodes' NIC tx over the whole run and per
+    step after warm-up, and rank 0's own count of its inter-node (or flat) collectives."""
+    lines = [
+        "| method | rate | path | node 0 tx MB | node 1 tx MB | steady node 0 tx kB/step | rank 0 counted kB/step (link) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        links = r.get("links") or {}
+        kind = "inter_node" if "inter_node" in links else ("flat" if "flat" in links else None)
+        counted = links[kind]["bytes_sent"] / r["steps"] / 1e3 if kind and r["steps"] else None
+        lines.append(
+            f"| {r['method']} | {r['rate']} | {r.get('path') or '-'} | {r['node0_tx_bytes'] / 1e6:.2f} | "
+            f"{r['node1_tx_bytes'] / 1e6:.2f} | "
+            + ("-" if r["steady_nic_bytes_per_step"] is None else f"{r['steady_nic_bytes_per_step'] / 1e3:.1f}")
+            + " | " + ("-" if counted is None else f"{counted:.1f} ({kind})") + " |"
+        )
+    return "\n".join(lines)
+
+
 def write_plots(results: list[dict[str, Any]], directory: str) -> list[str]:
     """Loss vs training time and vs node 0's NIC bytes (one figure pair per rate), step time vs rate."""
     import matplotlib
@@ -318,9 +347,31 @@ def split_method(spec: str) -> tuple[str, list[str]]:
     return label, ["--method", method, *options]
 
 
-def train_arguments(spec: str, settings: Settings, log_path: str, extra: Sequence[str]) -> list[str]:
+def run_labels(methods: Sequence[str], settings: Settings) -> list[tuple[str, list[str], Optional[str]]]:
+    """(label, train.py method arguments, hierarchical switch) of every run at one rate: gcomp
+    methods once per ``settings.hierarchical`` value (labelled ``label/flat``, ``label/hier``,
+    ``label/auto`` when there are several), PyTorch's baselines once."""
+    import gcomp
+
+    names = {"off": "flat", "on": "hier", "auto": "auto"}
+    runs = []
+    for spec in methods:
+        label, arguments = split_method(spec)
+        method = arguments[1]
+        if method in gcomp.METHODS and len(settings.hierarchical) > 1:
+            runs += [(f"{label}/{names[value]}", arguments, value) for value in settings.hierarchical]
+        elif method in gcomp.METHODS:
+            runs.append((label, arguments, settings.hierarchical[0]))
+        else:
+            runs.append((label, arguments, None))
+    return runs
+
+
+def train_arguments(method_arguments: Sequence[str], settings: Settings, log_path: str, extra: Sequence[str],
+                    hierarchical: Optional[str] = None) -> list[str]:
+    switch = ["--hierarchical", hierarchical] if hierarchical is not None else []
     return [
-        *split_method(spec)[1], "--model", settings.model, "--steps", str(settings.steps),
+        *switch, *method_arguments, "--model", settings.model, "--steps", str(settings.steps),
         "--warmup-steps", str(settings.warmup_steps), "--rank", str(settings.rank),
         "--batch-size", str(settings.batch_size), "--eval-every", str(settings.eval_every),
         "--log-every", str(settings.log_every), "--json", log_path, *extra,
@@ -331,27 +382,31 @@ def run_matrix(methods: Sequence[str], settings: Settings, work_dir: str, extra:
                timeout: float, show_progress: bool = False) -> list[dict[str, Any]]:
     """Every method at every rate, one run at a time, one emulated cluster per rate."""
     results = []
-    bar = progress_counter(total=len(settings.rates) * len(methods), desc="runs", enabled=show_progress, unit="run")
+    runs = run_labels(methods, settings)
+    bar = progress_counter(total=len(settings.rates) * len(runs), desc="runs", enabled=show_progress, unit="run")
     for rate in settings.rates:
         shaped = None if rate == "none" else rate
         with EmulatedCluster(nodes=2, rate=shaped) as cluster:
-            for spec in methods:
-                method = split_method(spec)[0]
-                run_dir = os.path.join(work_dir, f"{rate}-{method}")
+            for label, method_arguments, hierarchical in runs:
+                run_dir = os.path.join(work_dir, f"{rate}-{label.replace('/', '-')}")
                 os.makedirs(run_dir, exist_ok=True)
                 log_path = os.path.join(run_dir, "train_log.jsonl")
                 if os.path.exists(log_path):
                     os.remove(log_path)
                 follower = LogFollower(cluster, log_path)
-                bar.set_postfix_str(f"{rate} {method}")
-                run = run_training(cluster, train_arguments(spec, settings, log_path, extra), log_dir=run_dir,
-                                   quiet=True, timeout=timeout, monitor=follower, poll_interval=0.05)
+                bar.set_postfix_str(f"{rate} {label}")
+                run = run_training(cluster, train_arguments(method_arguments, settings, log_path, extra, hierarchical),
+                                   log_dir=run_dir, nproc_per_node=settings.nproc_per_node, quiet=True, timeout=timeout,
+                                   monitor=follower, poll_interval=0.05)
                 follower(0.0)
-                result = summarise(method, shaped, run, follower.anchors, settings)
+                result = summarise(label, shaped, run, follower.anchors, settings)
+                records = run.train_records()
+                result["path"] = records[-1].get("path") if records else None
+                result["links"] = records[-1].get("links") if records else None
                 result["node_logs"] = run.node_logs
                 results.append(result)
                 status = "ok" if result["succeeded"] else f"FAILED {run.exit_codes}, see {run_dir}"
-                progress_write(bar, f"[{rate}] {method} ... {status}, {run.wall_seconds:.1f} s")
+                progress_write(bar, f"[{rate}] {label} ... {status}, {run.wall_seconds:.1f} s")
                 bar.update()
     bar.close()
     return results
@@ -369,6 +424,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--rank", type=int, default=None, help="PowerSGD rank (gcomp and torch)")
+    parser.add_argument("--nproc-per-node", type=int, default=None, help="workers per emulated node (default 1)")
+    parser.add_argument("--hierarchical", nargs="+", default=None, choices=("auto", "on", "off"),
+                        help="gcomp methods: run each of these (off: flat, on: dense inside a node and compressed "
+                             "between nodes); default auto")
     parser.add_argument("--target-loss", type=float, default=None, help="validation loss to reach (default: worst final one per rate)")
     parser.add_argument("--json", default=None, help="write all results here")
     parser.add_argument("--plots", default=None, help="write PNG plots into this directory")
@@ -381,6 +440,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     overrides = {key: value for key, value in {
         "model": args.model, "steps": args.steps, "warmup_steps": args.warmup_steps, "eval_every": args.eval_every,
         "batch_size": args.batch_size, "rank": args.rank, "rates": tuple(args.rates) if args.rates else None,
+        "nproc_per_node": args.nproc_per_node, "hierarchical": tuple(args.hierarchical) if args.hierarchical else None,
     }.items() if value is not None}
     settings = replace(base, **overrides)
     settings = replace(settings, log_every=log_interval(settings.eval_every, settings.log_every))
@@ -388,7 +448,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     work_dir = args.work_dir or os.path.join("/tmp", f"gcomp-bench-cluster-{os.getpid()}")
     os.makedirs(work_dir, exist_ok=True)
 
-    print(f"benchmark on 2 emulated nodes: methods {methods}, rates {list(settings.rates)}, {settings}", flush=True)
+    print(f"benchmark on 2 emulated nodes x {settings.nproc_per_node} processes: methods {methods}, rates {list(settings.rates)}, {settings}", flush=True)
     started = time.perf_counter()
     try:
         results = run_matrix(methods, settings, work_dir, extra, args.timeout, show_progress=not args.no_progress)
@@ -406,6 +466,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           + ", ".join(f"{rate} {value:.4f}" for rate, value in targets.items())
           + f"; {time.perf_counter() - started:.0f} s in all\n")
     print(markdown_table(results))
+    if settings.nproc_per_node > 1:
+        print("\n" + link_table(results))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as handle:

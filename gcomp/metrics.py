@@ -13,6 +13,11 @@ Definitions used everywhere in gcomp (and in ``state.stats()``):
 The wire itself carries more (a ring allreduce sends about ``2 (W-1)/W`` times its payload, TCP
 and gloo add headers); ``benchmarks/`` reads the network interface to measure that.
 
+- ``links``: the same three collective counters (``bytes_sent``, ``bytes_received``,
+  ``collectives``) by kind of link: ``flat`` (collectives over all ranks), or, on the hierarchical
+  path, ``intra_node`` (the dense reduce and broadcast inside a node) and ``inter_node`` (the
+  compressed exchange among node leaders: what crosses the slow link).
+
 - ``seconds``: host time spent per phase of the reductions (``compress``, ``collective``,
   ``decompress``; the adaptive controller's ``profile`` and ``decide``), each also a ``torch.profiler`` range named ``gcomp.<phase>``. On CUDA
   the phases end with a host read of the device, so their sum is the wall time of the
@@ -55,6 +60,7 @@ class TrafficStats:
     bytes_uncompressed: int = 0
     collectives: int = 0
     layers: dict[str, LayerTraffic] = field(default_factory=dict)
+    links: dict[str, dict[str, int]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=lambda: {phase: 0.0 for phase in PHASES})
 
     @staticmethod
@@ -68,10 +74,14 @@ class TrafficStats:
         if traffic is not None:
             traffic.seconds[phase] = traffic.seconds.get(phase, 0.0) + time.perf_counter() - start
 
-    def record_collective(self, sent: int, received: int) -> None:
+    def record_collective(self, sent: int, received: int, link: str = "flat") -> None:
         self.collectives += 1
         self.bytes_sent += int(sent)
         self.bytes_received += int(received)
+        counters = self.links.setdefault(link, {"bytes_sent": 0, "bytes_received": 0, "collectives": 0})
+        counters["bytes_sent"] += int(sent)
+        counters["bytes_received"] += int(received)
+        counters["collectives"] += 1
 
     def record_layer(self, name: str, shape: tuple[int, ...], setting: str, sent: int, uncompressed: int) -> None:
         layer = self.layers.get(name)
@@ -101,6 +111,10 @@ class TrafficStats:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("steps", "compressed_steps", "skipped_steps", "bytes_sent", "bytes_received", "bytes_uncompressed", "collectives"):
             setattr(self, key, int(state.get(key, 0)))
+        self.links = {
+            str(link): {key: int(counters.get(key, 0)) for key in ("bytes_sent", "bytes_received", "collectives")}
+            for link, counters in state.get("links", {}).items()
+        }
         self.seconds = {phase: 0.0 for phase in PHASES}
         self.seconds.update({phase: float(value) for phase, value in state.get("seconds", {}).items()})
         self.layers = {

@@ -3,6 +3,12 @@
     python launch/cluster.py --nodes 2 --rate 100mbit [--loss 0.01] [--nproc-per-node 1] [--json run.json] \\
         -- --method powersgd --rank 4 --steps 100
 
+Two nodes with two workers each (the workers of one node talk over the namespace's loopback,
+unshaped, like GPUs of one machine; only traffic between nodes crosses the shaped link, and the NIC
+counters count exactly that), gcomp's hierarchical path on or off (``--hierarchical on|off``)::
+
+    python launch/cluster.py --nodes 2 --nproc-per-node 2 --rate 100mbit -- --method topk --hierarchical on --threads 1
+
 Each node is a network namespace with its own interface (see ``launch/netns.py``); one ``torchrun``
 per node joins a c10d rendezvous hosted on node 0 (10.200.0.1), exactly as on separate machines,
 so every byte of gradient exchange between nodes crosses the rate-limited virtual link. The kernel's
@@ -40,7 +46,7 @@ LAUNCH_DIR = os.path.dirname(os.path.abspath(__file__))
 TRAIN_SCRIPT = os.path.join(LAUNCH_DIR, "train.py")
 RENDEZVOUS_PORT = 29400  # free by construction: nothing else listens inside a fresh namespace
 MAX_NODES = 9  # torchrun orders nodes by address *string*; 10.200.0.10 would sort before .2
-GCOMP_KEYS = ("bytes_sent", "bytes_received", "bytes_uncompressed", "compression_ratio")
+GCOMP_KEYS = ("bytes_sent", "bytes_received", "bytes_uncompressed", "compression_ratio", "path", "links")
 
 
 @dataclass
@@ -264,6 +270,9 @@ def describe(run: ClusterRun) -> str:
             f"  gcomp rank 0: {stats['steps']} steps, payload sent {sent / 1e6:.3f} MB "
             f"(uncompressed {stats['bytes_uncompressed'] / 1e6:.3f} MB); node 0 NIC tx / payload = {ratio:.2f}"
         )
+    for kind, counters in sorted(stats.get("links", {}).items()):
+        lines.append(f"  gcomp rank 0, {stats.get('path', 'flat')} path, {kind} collectives: "
+                     f"sent {counters['bytes_sent'] / 1e6:.3f} MB, received {counters['bytes_received'] / 1e6:.3f} MB")
     lines.append(f"  train log: {run.train_log}; node logs: {os.path.dirname(run.node_logs[0]) if run.node_logs else '-'}")
     return "\n".join(lines)
 

@@ -60,6 +60,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eta", type=float, default=0.1, help="EControl feedback strength")
     parser.add_argument("--feedback-momentum", type=float, default=0.9, help="EF21-SGDM momentum (beta)")
     parser.add_argument("--warmup-steps", type=int, default=20, help="sync steps of plain allreduce before compressing")
+    parser.add_argument("--hierarchical", default="auto", choices=("auto", "on", "off"),
+                        help="gcomp methods on several nodes with several processes each: dense inside a node, compressed "
+                             "among node leaders (auto: whenever the topology allows; on: required; off: flat)")
     parser.add_argument("--adaptive", action="store_true", help="L-GreCo: re-choose per-layer rank/density/bits every --adapt-every steps")
     parser.add_argument("--adapt-every", type=int, default=100, help="sync steps between adaptive decisions")
     parser.add_argument("--adapt-accumulate", type=int, default=10, help="steps of gradients profiled before each decision")
@@ -140,6 +143,7 @@ def register_method(ddp: DistributedDataParallel, args: argparse.Namespace):
                    "warmup_steps": args.warmup_steps}
         if args.quantize_chunk is not None:
             options["chunk"] = args.quantize_chunk
+    options["hierarchical"] = {"auto": "auto", "on": True, "off": False}[args.hierarchical]
     if args.method in ("topk", "quantize") and args.feedback is not None:
         options["feedback"] = args.feedback
     if args.adaptive:
@@ -260,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                 stats = state.stats()
                 record.update({k: stats[k] for k in ("bytes_sent", "bytes_received", "bytes_uncompressed", "compression_ratio")})
                 record["gcomp_seconds"] = dict(stats["seconds"])
+                record["links"] = stats["links"]
+                record["path"] = stats["topology"]["path"]
             line = f"step {step + 1:5d}  loss {loss_value:.4f}"
             if validation is not None:
                 line += f"  val {validation:.4f}"
@@ -289,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"done: final loss {loss_value:.4f}, validation {validation:.4f}; gcomp {args.method} sent "
             f"{stats['bytes_sent'] / 1e6:.2f} MB where uncompressed DDP sends {stats['bytes_uncompressed'] / 1e6:.2f} MB "
-            f"({stats['compression_ratio']:.1f}x fewer bytes, {stats['compressed_steps']} compressed steps)",
+            f"({stats['compression_ratio']:.1f}x fewer bytes, {stats['compressed_steps']} compressed steps, "
+            f"{stats['topology']['path']} path)",
             flush=True,
         )
     if log is not None:

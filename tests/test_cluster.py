@@ -147,3 +147,29 @@ def test_bad_settings_fail_before_touching_anything() -> None:
         EmulatedCluster(nodes=2, rate="fast")
     with pytest.raises(ClusterError, match="loss"):
         EmulatedCluster(nodes=2, rate="100mbit", loss=1.5)
+
+
+HIERARCHICAL_ARGS = [
+    "--model", "tiny", "--steps", "10", "--method", "topk", "--density", "0.01", "--warmup-steps", "2",
+    "--batch-size", "4", "--eval-every", "0", "--log-every", "5", "--hierarchical", "on", "--no-progress",
+]
+
+
+def test_two_by_two_hierarchical_sends_only_the_leaders_exchange_between_nodes(namespaces_available: None, tmp_path) -> None:
+    """2 nodes x 2 processes: the workers of a node talk over the namespace's loopback, so the link
+    between the nodes carries the leaders' exchange and nothing of the dense traffic inside the
+    nodes. Node 1 sends no DDP broadcast, so its tx is the leaders' exchange (rank 2's, the same
+    size as rank 0's) plus headers and the small fixed traffic of the module docstring."""
+    with EmulatedCluster(nodes=2, rate="200mbit") as cluster:
+        run = run_training(cluster, HIERARCHICAL_ARGS, nproc_per_node=2, log_dir=str(tmp_path), quiet=True,
+                           timeout=100, failure_grace=10)
+    logs = "\n".join(open(path, encoding="utf-8", errors="replace").read()[-3000:] for path in run.node_logs)
+    assert run.exit_codes == [0, 0], f"torchrun exit codes {run.exit_codes}; logs:\n{logs}"
+    stats = run.gcomp_stats()
+    assert stats["path"] == "hierarchical"
+    inter, intra = stats["links"]["inter_node"], stats["links"]["intra_node"]
+    assert intra["bytes_received"] > 2 * inter["bytes_sent"]  # the dense sums inside the node are the bigger traffic
+    node1_tx = run.nic[1].tx_bytes
+    low, high = HEADER_FACTOR_RANGE
+    assert inter["bytes_sent"] * low <= node1_tx <= inter["bytes_sent"] * high + FIXED_TRAFFIC_BOUND, (node1_tx, inter)
+    assert not set(cluster.namespaces) & live_namespaces()

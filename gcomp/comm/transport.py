@@ -32,11 +32,25 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 
 class Transport:
     """Collectives over the ranks of ``process_group`` (``None`` = the default group), run on a
-    dedicated group with the same ranks (see the module docstring)."""
+    dedicated group with the same ranks (see the module docstring).
 
-    def __init__(self, process_group: Optional[dist.ProcessGroup] = None) -> None:
+    ``link`` names the kind of link the collectives cross, for the per-link byte counts of
+    :class:`~gcomp.metrics.TrafficStats`: ``"flat"`` (all ranks, whatever links join them),
+    ``"intra_node"`` or ``"inter_node"`` (the hierarchical path, :mod:`gcomp.comm.topology`).
+    """
+
+    def __init__(self, process_group: Optional[dist.ProcessGroup] = None, *, link: str = "flat") -> None:
         self.model_group = process_group
+        self.link = link
         self._group: Optional[dist.ProcessGroup] = None
+
+    @classmethod
+    def on_group(cls, group: dist.ProcessGroup, link: str) -> "Transport":
+        """A transport over ``group`` itself, a group gcomp created for its own use (no further
+        dedicated group is made)."""
+        transport = cls(group, link=link)
+        transport._group = group
+        return transport
 
     def ensure_group(self) -> None:
         """Create the dedicated group. Must run on every rank at the same point (the first hook
@@ -74,7 +88,22 @@ class Transport:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.process_group)
         if traffic is not None:
             size = tensor.numel() * tensor.element_size()
-            traffic.record_collective(sent=size, received=size)
+            traffic.record_collective(sent=size, received=size, link=self.link)
+        return tensor
+
+    def reduce_sum_(self, tensor: torch.Tensor, root: int, traffic: Optional[TrafficStats]) -> torch.Tensor:
+        """Sum ``tensor`` over ranks into group rank ``root``'s ``tensor`` (the others' is left
+        unspecified). Staged through the CPU for a CUDA tensor on gloo, whose reduce is CPU-only."""
+        staged = tensor.is_cuda and self.backend == "gloo"
+        source = tensor.cpu() if staged else tensor
+        with TrafficStats.timed(traffic, "collective"):
+            dist.reduce(source, dst=dist.get_global_rank(self.process_group, root), op=dist.ReduceOp.SUM, group=self.process_group)
+        if staged and self.rank == root:
+            tensor.copy_(source)
+        if traffic is not None:
+            size = tensor.numel() * tensor.element_size()
+            is_root = self.rank == root
+            traffic.record_collective(sent=0 if is_root else size, received=(self.world_size - 1) * size if is_root else 0, link=self.link)
         return tensor
 
     def allgather(self, message: torch.Tensor, traffic: Optional[TrafficStats]) -> torch.Tensor:
@@ -89,7 +118,7 @@ class Transport:
             gathered = gathered.to(message.device)
         if traffic is not None:
             size = message.numel() * message.element_size()
-            traffic.record_collective(sent=size, received=(world - 1) * size)
+            traffic.record_collective(sent=size, received=(world - 1) * size, link=self.link)
         return gathered.view(world, message.numel())
 
     def broadcast_(self, tensor: torch.Tensor, root: int, traffic: Optional[TrafficStats]) -> torch.Tensor:
@@ -110,5 +139,5 @@ class Transport:
         if traffic is not None:
             size = tensor.numel() * tensor.element_size()
             is_root = self.rank == root
-            traffic.record_collective(sent=size if is_root else 0, received=0 if is_root else size)
+            traffic.record_collective(sent=size if is_root else 0, received=0 if is_root else size, link=self.link)
         return tensor

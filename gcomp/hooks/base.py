@@ -28,13 +28,15 @@ import math
 import warnings
 import zlib
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
 
 from ..comm import CommWorker, Transport, check_agreement
+from ..comm.topology import NodeGroups, check_hierarchical_option, discover
 from ..metrics import TrafficStats
+from .hierarchical import reduce_within_nodes
 from .layout import BucketLayout, ParameterNames, check_bucket_buffer
 from .step import StepLifecycle
 from .store import LayerStore
@@ -65,9 +67,17 @@ class HookState(ABC):
         *,
         warmup_steps: int = 0,
         worker: Optional[CommWorker] = None,
+        hierarchical: Union[str, bool] = "auto",
     ) -> None:
         self.lifecycle = StepLifecycle(warmup_steps)
+        self.hierarchical = check_hierarchical_option(hierarchical)
+        # ``transport``: every rank (agreement checks, the flat path). ``codec_transport``: the group the
+        # codec runs over, the same in the flat path, the node leaders' on the hierarchical path
+        # (None on the other ranks, which never run the codec). Both known after the first hook call.
         self.transport = Transport(process_group)
+        self.codec_transport: Optional[Transport] = self.transport
+        self.node_groups: Optional[NodeGroups] = None
+        self.path_reason = "not decided before the first step"
         self.worker = worker if worker is not None else CommWorker(name=f"gcomp-{self.method}")
         self.names = ParameterNames()
         self.store = LayerStore(self.replicated_tensors, self.per_rank_tensors, self.gradient_valued_tensors)
@@ -168,6 +178,7 @@ class HookState(ABC):
         under ``layers`` (see :mod:`gcomp.metrics`)."""
         out = self.traffic.summary()
         out["method"] = self.method
+        out["topology"] = self._path_description()
         out["state_bytes"] = self.memory_bytes()
         return out
 
@@ -197,6 +208,7 @@ class HookState(ABC):
             "controller": self.controller.state_dict() if self.controller is not None else None,
             "gradient_scale": self._gradient_scale,
             "overrides": dict(self.layer_overrides()),
+            "topology": self._path_description(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -296,8 +308,8 @@ class HookState(ABC):
 
     def dense_average_(self, buffer: torch.Tensor) -> torch.Tensor:
         """Plain averaging allreduce, in place (divide first: safe for half precision)."""
-        buffer.div_(self.transport.world_size)
-        return self.transport.allreduce_sum_(buffer, self.traffic)
+        buffer.div_(self.codec_transport.world_size)
+        return self.codec_transport.allreduce_sum_(buffer, self.traffic)
 
     def shared_randn(self, shape: tuple[int, ...], keys: tuple[Any, ...], like: torch.Tensor) -> torch.Tensor:
         """Standard normal numbers seeded by ``keys`` alone, on ``like``'s device and dtype: drawn on
@@ -314,6 +326,7 @@ class HookState(ABC):
         if self._first_call:
             self._first_call = False
             self.transport.ensure_group()
+            self._choose_path(buffer.device)
             if self.names.source == "none" and self.names.discover(self):
                 logger.info("gcomp: %s state found its DDP model; layers are named after its parameters", self.method)
         layout = self._layout_for(bucket)
@@ -349,16 +362,10 @@ class HookState(ABC):
         self.traffic.bytes_uncompressed += buffer.numel() * buffer.element_size()
         if self.preconditioner is not None:
             self.preconditioner.direction_(buffer, layout, self.store, self._gradient_scale)
-        if self.lifecycle.in_warmup(step):
-            for slot in layout.layers:
-                nbytes = slot.numel * buffer.element_size()
-                self.traffic.record_layer(slot.name, slot.shape, "dense (warm-up)", nbytes, nbytes)
-            result = self.dense_average_(buffer)
-            if self.preconditioner is not None and not self.worker.runtime.all_finite(result):
-                self.skip_step(result, layout, step)  # the moments staged this step are dropped
+        if self.node_groups is None:
+            result = self._average(buffer, layout, step)
         else:
-            self.lifecycle.mark_compressed()
-            result = self.reduce(buffer, layout, step)
+            result = reduce_within_nodes(self, buffer, layout, step)
         if is_last:
             self.lifecycle.finish(self.store, self.traffic)
             if step == 0:
@@ -371,6 +378,42 @@ class HookState(ABC):
                 compressed_steps = self.traffic.compressed_steps
                 self.worker.submit(lambda: self._controller_step_end(compressed_steps, buffer.device), buffer.device)
         return result
+
+    def _average(self, buffer: torch.Tensor, layout: BucketLayout, step: int) -> torch.Tensor:
+        """Average ``buffer`` over :attr:`codec_transport`: densely during warm-up, else with the codec."""
+        if self.lifecycle.in_warmup(step):
+            for slot in layout.layers:
+                nbytes = slot.numel * buffer.element_size()
+                self.traffic.record_layer(slot.name, slot.shape, "dense (warm-up)", nbytes, nbytes)
+            result = self.dense_average_(buffer)
+            if self.preconditioner is not None and not self.worker.runtime.all_finite(result):
+                self.skip_step(result, layout, step)  # the moments staged this step are dropped
+            return result
+        self.lifecycle.mark_compressed()
+        return self.reduce(buffer, layout, step)
+
+    def _choose_path(self, device: torch.device) -> None:
+        """Flat or hierarchical (see :mod:`gcomp.comm.topology`): decided once, from one allgather,
+        identically on every rank (or a ``ValueError`` on every rank)."""
+        self.node_groups, reason = discover(self.transport, self.worker.runtime, device, self.hierarchical, self.controller is not None)
+        if self.node_groups is None:
+            self.path_reason = reason
+            logger.info("gcomp: %s runs the flat path over %d ranks: %s", self.method, self.transport.world_size, reason)
+            return
+        self.codec_transport = self.node_groups.leaders
+        topology = self.node_groups.topology
+        self.path_reason = "multi-node topology"
+        logger.info(
+            "gcomp: %s runs the hierarchical path: %d nodes x %d processes; dense reduce and broadcast inside each node, "
+            "compressed exchange among the %d node leaders (this rank: node %d, %s)",
+            self.method, len(topology.nodes), topology.processes_per_node, len(topology.nodes), self.node_groups.node,
+            "leader" if self.node_groups.is_leader else "not a leader",
+        )
+
+    def _path_description(self) -> dict[str, Any]:
+        if self.node_groups is None:
+            return {"path": "flat", "reason": self.path_reason}
+        return {"path": "hierarchical", **self.node_groups.describe()}
 
     def _controller_step_end(self, compressed_steps: int, device: torch.device) -> torch.Tensor:
         self.controller.on_step_end(compressed_steps)

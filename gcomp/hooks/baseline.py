@@ -43,8 +43,8 @@ class CastState(HookState):
         # becomes inf in the sum on every rank; there is no state here, so GradScaler's skip of
         # the step is all that is needed.
         with TrafficStats.timed(self.traffic, "compress"):
-            wire = buffer.to(self.wire_dtype).div_(self.transport.world_size)
-        self.transport.allreduce_sum_(wire, self.traffic)
+            wire = buffer.to(self.wire_dtype).div_(self.codec_transport.world_size)
+        self.codec_transport.allreduce_sum_(wire, self.traffic)
         element = wire.element_size()
         for slot in layout.layers:
             self.traffic.record_layer(

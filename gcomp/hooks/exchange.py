@@ -153,11 +153,11 @@ class AllgatherExchange(MessageExchange):
         return Outgoing(own=own, summed=None, held=packed)
 
     def mean(self, state, outgoing, summed_mean, sent, batch):
-        gathered = state.transport.allgather(outgoing.held, state.traffic)
+        gathered = state.codec_transport.allgather(outgoing.held, state.traffic)
         with TrafficStats.timed(state.traffic, "decompress"):
             mean = torch.zeros_like(outgoing.own)
             # Decoded in rank order: bitwise the same sum on every rank.
-            state.unpack_add_(mean, gathered, batch.offsets, batch.numels, batch.settings, 1.0 / state.transport.world_size)
+            state.unpack_add_(mean, gathered, batch.offsets, batch.numels, batch.settings, 1.0 / state.codec_transport.world_size)
         return mean
 
     def record_layers(self, state, batch, step, element_size):
@@ -183,7 +183,7 @@ class SharedIndicesExchange(MessageExchange):
         return step % world
 
     def outgoing(self, state, sent, batch, step, bucket_dtype):
-        transport = state.transport
+        transport = state.codec_transport
         leader = self.leader(step, transport.world_size)
         if transport.rank == leader:
             index_message = state.pack_indices(sent, batch)
@@ -203,12 +203,12 @@ class SharedIndicesExchange(MessageExchange):
 
     def mean(self, state, outgoing, summed_mean, sent, batch):
         indices, values = outgoing.held
-        world = state.transport.world_size
+        world = state.codec_transport.world_size
         if summed_mean is None:
             # The values in a dtype of their own: a second allreduce, in that dtype.
             half = values.dtype in (torch.float16, torch.bfloat16)
             total = values / world if half else values.clone()
-            state.transport.allreduce_sum_(total, state.traffic)
+            state.codec_transport.allreduce_sum_(total, state.traffic)
             if not state.worker.runtime.all_finite(total):
                 return None
             summed_mean = total if half else total.div_(world)
@@ -217,7 +217,7 @@ class SharedIndicesExchange(MessageExchange):
         return mean
 
     def record_layers(self, state, batch, step, element_size):
-        transport = state.transport
+        transport = state.codec_transport
         is_leader = transport.rank == self.leader(step, transport.world_size)
         for layer in batch.layers:
             sent = state.value_bytes(layer.slot.numel, layer.setting) + (state.index_bytes(layer.slot.numel, layer.setting) if is_leader else 0)

@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -104,13 +104,14 @@ class MessageState(HookState):
         min_compression_rate: float,
         worker: Optional[CommWorker] = None,
         exchange: Optional[MessageExchange] = None,
+        hierarchical: Union[str, bool] = "auto",
     ) -> None:
         if isinstance(min_compression_rate, bool) or not isinstance(min_compression_rate, (int, float)) or not (
             math.isfinite(min_compression_rate) and min_compression_rate > 0
         ):
             raise ValueError(f"min_compression_rate must be a finite number > 0 (default 2); got {min_compression_rate!r}")
         rule = make_feedback_rule(feedback, eta=eta, momentum=momentum)
-        super().__init__(process_group, warmup_steps=warmup_steps, worker=worker)
+        super().__init__(process_group, warmup_steps=warmup_steps, worker=worker, hierarchical=hierarchical)
         self.feedback = feedback
         self.eta = float(eta)
         self.momentum = float(momentum)
@@ -176,7 +177,7 @@ class MessageState(HookState):
 
     def reduce(self, buffer: torch.Tensor, layout: BucketLayout, step: int) -> torch.Tensor:
         plan: MessagePlan = self.plan_for(layout, self._build_plan)
-        world = self.transport.world_size
+        world = self.codec_transport.world_size
         device = buffer.device
         dtype = torch.float64 if buffer.dtype == torch.float64 else torch.float32
         half_bucket = buffer.dtype in (torch.float16, torch.bfloat16)
@@ -191,7 +192,7 @@ class MessageState(HookState):
             # sizes of both collectives: they can only differ after inconsistent checkpoints.
             fresh = {slot.name for slot in initialised_now}
             check_agreement(
-                self.transport, self.worker.runtime, self.agreement_topic,
+                self.codec_transport, self.worker.runtime, self.agreement_topic,
                 [(layer.slot.name, layer.setting, layer.slot.name in fresh) for layer in plan.compressed], device,
                 hint="Were checkpoints of different runs loaded on different ranks?",
             )
@@ -232,7 +233,7 @@ class MessageState(HookState):
             if half_bucket:
                 message.div_(world)  # as DDP does for half precision: the sum stays in range
 
-        self.transport.allreduce_sum_(message, self.traffic)
+        self.codec_transport.allreduce_sum_(message, self.traffic)
         for slot in plan.dense:
             nbytes = slot.numel * buffer.element_size()
             self.traffic.record_layer(slot.name, slot.shape, "dense", nbytes, nbytes)

@@ -110,6 +110,9 @@ class PowerSGDState(HookState):
         layer_ranks: per-layer rank overrides ``{parameter name: rank}`` (the adaptive controller
             sets these).
         worker: share a communication thread with another state in the same process.
+        hierarchical: ``"auto"`` (default): on several nodes with several processes each, sum
+            densely inside each node and run PowerSGD among one leader per node; ``True``
+            requires that path, ``False`` never takes it (see :mod:`gcomp.comm.topology`).
 
     Example::
 
@@ -136,6 +139,7 @@ class PowerSGDState(HookState):
         factor_dtype: Union[str, torch.dtype] = "float32",
         layer_ranks: Optional[Mapping[str, int]] = None,
         worker: Optional[CommWorker] = None,
+        hierarchical: Union[str, bool] = "auto",
     ) -> None:
         _check_rank("rank", rank)
         factor_dtype_name = _factor_dtype_name(factor_dtype)
@@ -152,7 +156,7 @@ class PowerSGDState(HookState):
                 raise TypeError(f"{name} must be True or False; got {value!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an integer; got {seed!r}")
-        super().__init__(process_group, warmup_steps=warmup_steps, worker=worker)
+        super().__init__(process_group, warmup_steps=warmup_steps, worker=worker, hierarchical=hierarchical)
         self.rank = rank
         self.min_compression_rate = float(min_compression_rate)
         self.warm_start = warm_start
@@ -263,7 +267,7 @@ class PowerSGDState(HookState):
 
     def reduce(self, buffer: torch.Tensor, layout: BucketLayout, step: int) -> torch.Tensor:
         plan: PowerSGDPlan = self.plan_for(layout, self._build_plan)
-        world = self.transport.world_size
+        world = self.codec_transport.world_size
         dtype = torch.float64 if buffer.dtype == torch.float64 else torch.float32
         element = torch.finfo(dtype).bits // 8
         wire = self.factor_dtype  # None: P rides in collective 1, in the compute dtype
@@ -323,9 +327,9 @@ class PowerSGDState(HookState):
                 torch.bmm(matrices.transpose(1, 2), p, out=group.q_view(q_all))
         if plan.q_numel:
             if wire is None:
-                self.transport.allreduce_sum_(q_all, self.traffic)
+                self.codec_transport.allreduce_sum_(q_all, self.traffic)
             else:
-                q_all.copy_(self.transport.allreduce_sum_(q_all.to(wire), self.traffic))
+                q_all.copy_(self.codec_transport.allreduce_sum_(q_all.to(wire), self.traffic))
             q_all.div_(world)
 
         with TrafficStats.timed(self.traffic, "decompress"):
@@ -365,11 +369,11 @@ class PowerSGDState(HookState):
         written back into ``p_all``); whether every summed value is finite (the same answer on
         every rank, since every rank holds the same sums)."""
         if wire is None or message.numel():
-            self.transport.allreduce_sum_(message, self.traffic)
+            self.codec_transport.allreduce_sum_(message, self.traffic)
         if wire is None:
             return self.worker.runtime.all_finite(message)
         if p_all.numel():
-            p_all.copy_(self.transport.allreduce_sum_(p_all.to(wire), self.traffic))
+            p_all.copy_(self.codec_transport.allreduce_sum_(p_all.to(wire), self.traffic))
         # An overflow on the wire (float16) shows up here as inf in the float32 copy.
         return self.worker.runtime.all_finite(message) and self.worker.runtime.all_finite(p_all)
 

@@ -42,7 +42,7 @@ Tuning guide:
 from __future__ import annotations
 
 import zlib
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -73,6 +73,8 @@ class QuantizeState(MessageState):
         min_compression_rate: quantize a layer only if ``message bytes * rate < dense bytes``.
         layer_bits: per-layer bit widths ``{parameter name: bits}`` (the adaptive controller sets these).
         worker: share a communication thread with another state in the same process.
+        hierarchical: ``"auto"`` (default), ``True`` or ``False``: sum densely inside each node
+            and exchange messages among one leader per node (see :class:`~gcomp.PowerSGDState`).
 
     Example::
 
@@ -98,6 +100,7 @@ class QuantizeState(MessageState):
         min_compression_rate: float = 2.0,
         layer_bits: Optional[Mapping[str, int]] = None,
         worker: Optional[CommWorker] = None,
+        hierarchical: Union[str, bool] = "auto",
     ) -> None:
         _check_bits("bits", bits)
         check_quantize_arguments(4, chunk)  # the chunk rule, whatever bits is
@@ -105,7 +108,7 @@ class QuantizeState(MessageState):
             raise ValueError(f"rounding must be one of {list(ROUNDING_MODES)}; got {rounding!r}")
         super().__init__(
             process_group, feedback=feedback, eta=eta, momentum=momentum, warmup_steps=warmup_steps,
-            min_compression_rate=min_compression_rate, worker=worker,
+            min_compression_rate=min_compression_rate, worker=worker, hierarchical=hierarchical,
         )
         self.bits = int(bits)
         self.chunk = int(chunk)
@@ -158,7 +161,7 @@ class QuantizeState(MessageState):
     def _seed(self, step: int, name: str) -> int:
         """Stochastic rounding's seed of one layer: a function of (step, rank, layer) only, so a
         resumed run draws the same numbers and ranks draw independent ones."""
-        return zlib.crc32(f"quantize|{step}|{self.transport.rank}|{name}".encode("utf-8"))
+        return zlib.crc32(f"quantize|{step}|{self.codec_transport.rank}|{name}".encode("utf-8"))
 
     def _groups(self, settings: Sequence[int]) -> list[tuple[int, list[int]]]:
         """Layer indices by bit width, widths in ascending order: ``quantize_pack`` takes one

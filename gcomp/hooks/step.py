@@ -31,6 +31,11 @@ class StepLifecycle:
             self.started += 1
         return step
 
+    @property
+    def finite(self) -> bool:
+        """No bucket of the current step was non-finite so far (communication thread)."""
+        return self._finite
+
     def in_warmup(self, step: int) -> bool:
         return step < self.warmup_steps
 

@@ -102,6 +102,8 @@ class TopKState(MessageState):
             ``"shared_indices"`` (a cyclic leader's top-k indices, every rank's values summed; bytes
             per rank independent of the world size). See the tuning guide above.
         worker: share a communication thread with another state in the same process.
+        hierarchical: ``"auto"`` (default), ``True`` or ``False``: sum densely inside each node
+            and exchange messages among one leader per node (see :class:`~gcomp.PowerSGDState`).
 
     Example::
 
@@ -127,12 +129,14 @@ class TopKState(MessageState):
         layer_densities: Optional[Mapping[str, float]] = None,
         exchange: str = "allgather",
         worker: Optional[CommWorker] = None,
+        hierarchical: Union[str, bool] = "auto",
     ) -> None:
         _check_density("density", density)
         value_dtype_name = _value_dtype_name(value_dtype)
         super().__init__(
             process_group, feedback=feedback, eta=eta, momentum=momentum, warmup_steps=warmup_steps,
             min_compression_rate=min_compression_rate, worker=worker, exchange=make_exchange(exchange),
+            hierarchical=hierarchical,
         )
         self.density = float(density)
         self.value_dtype_name = value_dtype_name
