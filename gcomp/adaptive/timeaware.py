@@ -208,7 +208,9 @@ class TimeAwareController:
         if len(vector) != size:
             raise ValueError(f"gcomp time-aware: {len(vector)} measurements for {len(layouts)} buckets and methods {self.methods}")
         gathered = transport.allgather(torch.tensor(vector, dtype=torch.float64, device=small), traffic=None)
-        rows = [LocalMeasurements.from_vector(row, len(layouts), self.methods) for row in runtime.to_list(gathered)]
+        values = runtime.to_list(gathered.flatten())
+        rows = [LocalMeasurements.from_vector(values[r * size : (r + 1) * size], len(layouts), self.methods)
+                for r in range(transport.world_size)]
         if not layouts or any(not math.isfinite(v) for row in rows for v in row.to_vector(self.methods)):
             self.decision = {"step": step, "choice": None, "reason": "some rank has no usable measurements; settings kept"}
             logger.warning("gcomp time-aware: some rank has no usable measurements at step %d; the settings stay as configured", step)
