@@ -15,7 +15,9 @@ pair it reports:
 - payload bytes per step: gcomp's own count (``stats()["bytes_sent"]`` of rank 0 / steps; gcomp
   methods only), and the steady-state wire bytes per step after warm-up (from NIC samples taken
   while the training log grows).
-- step time: mean seconds per step after warm-up over logged intervals that contain no evaluation.
+- step time: mean seconds per step after warm-up over logged intervals that contain no evaluation
+  (for ``auto`` and ``--time-aware`` runs: after the time-aware decision, whose step and choice
+  are reported too).
 - link bound: steady wire bytes per step x 8 / rate, the time the link alone needs per step; the
   ratio bound / step time says how much of a step the link is busy (near 1: communication-bound).
   With ``none`` among the rates (an unshaped link), comm time = step time - unshaped step time.
@@ -153,10 +155,18 @@ def has_evaluation(step: int, settings: Settings) -> bool:
     return step == settings.steps or (settings.eval_every > 0 and step % settings.eval_every == 0)
 
 
+def time_aware_decision(records: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The time-aware decision train.py logged (``auto`` / ``--time-aware`` runs), if any."""
+    return next((record["time_aware"] for record in records if record.get("time_aware")), None)
+
+
 def steady_step_time(records: list[dict[str, Any]], settings: Settings) -> Optional[float]:
-    """Seconds per step after warm-up, over logged intervals without an evaluation in them (over all
-    intervals after warm-up if every one holds an evaluation)."""
-    intervals = [(before, after) for before, after in zip(records, records[1:]) if before["step"] >= settings.warmup_steps]
+    """Seconds per step after warm-up (and after the time-aware decision, if one was made), over
+    logged intervals without an evaluation in them (over all such intervals if every one holds an
+    evaluation)."""
+    decision = time_aware_decision(records)
+    start = max(settings.warmup_steps, decision["step"] + 1 if decision else 0)
+    intervals = [(before, after) for before, after in zip(records, records[1:]) if before["step"] >= start]
     clean = [(before, after) for before, after in intervals
              if not any(has_evaluation(s, settings) for s in range(before["step"] + 1, after["step"] + 1))]
     chosen = clean or intervals
@@ -192,6 +202,11 @@ def summarise(method: str, rate: Optional[str], run: ClusterRun, anchors: list[t
     bound = steady_wire * 8 / run.rate_bits_per_second if steady_wire is not None and run.rate_bits_per_second else None
     result["link_bound_s"] = bound
     result["link_busy_fraction"] = bound / step_time if bound is not None and step_time else None
+    decision = time_aware_decision(records)
+    result["time_aware_choice"] = decision["choice"] if decision else None
+    result["time_aware_step"] = decision["step"] if decision else None
+    result["time_aware_compressed_layers"] = len(decision["compressed_layers"]) if decision else None
+    result["time_aware_predicted_step_s"] = decision["predicted_step_s"] if decision else None
     result["final_loss"] = records[-1]["loss"] if records else None
     result["final_validation_loss"] = records[-1].get("validation_loss") if records else None
     curve = []
@@ -247,6 +262,9 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     ]
     for r in results:
         status = "" if r["succeeded"] else f" (FAILED, exit {r['exit_codes']})"
+        if r.get("time_aware_choice"):
+            status += (f" -> {r['time_aware_choice']}, {r['time_aware_compressed_layers']} layers compressed "
+                       f"(predicted {r['time_aware_predicted_step_s']:.3f} s)")
         lines.append(
             f"| {r['method']}{status} | {r['rate']} | {number(r['nic_bytes_per_step'], 1e3, 1)} | "
             f"{number(r['payload_bytes_per_step'], 1e3, 1)} | {number(r['steady_nic_bytes_per_step'], 1e3, 1)} | "

@@ -7,11 +7,12 @@ One line turns it on::
 or, PyTorch style, ``ddp_model.register_comm_hook(gcomp.PowerSGDState(rank=4), gcomp.powersgd_hook)``.
 """
 from ._version import __version__
-from .adaptive import AdaptiveConfig, AdaptiveController
+from .adaptive import AdaptiveConfig, AdaptiveController, TimeAwareConfig, TimeAwareController
 from .api import METHODS, register
 from .precondition import LocalAdamW
 from .hooks import (
     AllreduceState,
+    AutoState,
     BF16State,
     FP16State,
     HookState,
@@ -19,6 +20,7 @@ from .hooks import (
     QuantizeState,
     TopKState,
     allreduce_hook,
+    auto_hook,
     bf16_hook,
     fp16_hook,
     powersgd_hook,
@@ -32,14 +34,18 @@ __all__ = [
     "AdaptiveConfig",
     "AdaptiveController",
     "AllreduceState",
+    "AutoState",
     "BF16State",
     "FP16State",
     "HookState",
     "LocalAdamW",
     "PowerSGDState",
     "QuantizeState",
+    "TimeAwareConfig",
+    "TimeAwareController",
     "TopKState",
     "allreduce_hook",
+    "auto_hook",
     "bf16_hook",
     "fp16_hook",
     "powersgd_hook",

@@ -6,7 +6,7 @@ from typing import Any, Callable, Optional, Union
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .adaptive import AdaptiveConfig, AdaptiveController
+from .adaptive import AdaptiveConfig, AdaptiveController, TimeAwareConfig, TimeAwareController
 from . import hooks
 from .hooks import HookState
 
@@ -17,6 +17,7 @@ METHODS: dict[str, type[HookState]] = {
     "powersgd": hooks.PowerSGDState,
     "topk": hooks.TopKState,
     "quantize": hooks.QuantizeState,
+    "auto": hooks.AutoState,
 }
 
 # Each method's own hook (it refuses a state of another method).
@@ -27,6 +28,7 @@ HOOKS: dict[str, Callable[..., Any]] = {
     "powersgd": hooks.powersgd_hook,
     "topk": hooks.topk_hook,
     "quantize": hooks.quantize_hook,
+    "auto": hooks.auto_hook,
 }
 
 _STATE_ATTRIBUTE = "_gcomp_state"
@@ -38,6 +40,7 @@ def register(
     *,
     process_group: Optional[dist.ProcessGroup] = None,
     adaptive: Union[bool, AdaptiveConfig] = False,
+    time_aware: Union[bool, TimeAwareConfig] = False,
     **options: Any,
 ) -> HookState:
     """Register gcomp's hook for ``method`` on ``ddp_model`` and return its state.
@@ -55,6 +58,11 @@ def register(
     controller to ``"powersgd"`` / ``"topk"`` / ``"quantize"``: per-layer ranks / densities / bit
     widths re-chosen every
     ``every_steps`` sync steps (``state.controller.epoch_end()`` to decide at an epoch's end).
+
+    ``time_aware=True`` (or a :class:`~gcomp.adaptive.TimeAwareConfig`) makes ``"powersgd"`` /
+    ``"topk"`` / ``"quantize"`` send a layer dense where compressing it is predicted not to shorten
+    the step (measured during the warm-up and the first compressed steps; needs ``warmup_steps``
+    >= 3). ``"auto"`` always decides so, between dense, PowerSGD and top-k (the config goes to it).
     """
     if not isinstance(ddp_model, DistributedDataParallel):
         raise TypeError(f"gcomp.register needs a torch.nn.parallel.DistributedDataParallel model; got {type(ddp_model).__name__}")
@@ -64,12 +72,20 @@ def register(
         raise ValueError("a gcomp hook is already registered on this DDP model (DDP allows one comm hook per model)")
     if not isinstance(adaptive, (bool, AdaptiveConfig)):
         raise TypeError(f"adaptive must be True, False or a gcomp.AdaptiveConfig; got {type(adaptive).__name__}")
+    if not isinstance(time_aware, (bool, TimeAwareConfig)):
+        raise TypeError(f"time_aware must be True, False or a gcomp.TimeAwareConfig; got {type(time_aware).__name__}")
+    time_config = time_aware if isinstance(time_aware, TimeAwareConfig) else TimeAwareConfig()
     precondition = options.pop("precondition", None)
-    state = METHODS[method](process_group, **options)
+    if method == "auto":
+        state = METHODS[method](process_group, time_aware=time_config, **options)
+    else:
+        state = METHODS[method](process_group, **options)
     if precondition is not None:
         state.set_preconditioner(precondition, ddp_model.parameters())
     if adaptive:
         AdaptiveController(state, adaptive if isinstance(adaptive, AdaptiveConfig) else AdaptiveConfig())
+    if time_aware and method != "auto":
+        TimeAwareController(state, time_config)
     state.attach(ddp_model)
     ddp_model.register_comm_hook(state, HOOKS[method])
     setattr(ddp_model, _STATE_ATTRIBUTE, state)

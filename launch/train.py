@@ -4,9 +4,12 @@ Launch with torchrun, one process per worker::
 
     torchrun --standalone --nproc-per-node 2 launch/train.py --method powersgd --rank 4
 
-Methods: every gcomp method (``gcomp.METHODS``), ``none`` (DDP without a hook) and PyTorch's own
-hooks for comparison (``torch-powersgd``, ``torch-fp16``). Prints training and validation loss
-and, at the end, the bytes gcomp handed to the network compared with uncompressed DDP.
+Methods: every gcomp method (``gcomp.METHODS``, ``auto`` included: dense, PowerSGD or top-k by
+measured step time), ``none`` (DDP without a hook) and PyTorch's own hooks for comparison
+(``torch-powersgd``, ``torch-fp16``). ``--time-aware`` makes powersgd / topk / quantize send a
+layer dense where compressing it does not shorten the step. Prints training and validation loss,
+the time-aware decision when it is made, and, at the end, the bytes gcomp handed to the network
+compared with uncompressed DDP.
 """
 from __future__ import annotations
 
@@ -76,6 +79,13 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="top-k candidate densities: these multiples of --density")
     parser.add_argument("--adapt-bit-widths", type=int, nargs="+", default=(1, 2, 4, 8),
                         help="quantize candidate bit widths (those that still compress a layer)")
+    parser.add_argument("--time-aware", action="store_true",
+                        help="powersgd / topk / quantize: measure the warm-up and the first compressed steps, then send "
+                             "dense every layer whose compression is not predicted to shorten the step (auto always does)")
+    parser.add_argument("--time-aware-trial-steps", type=int, default=3,
+                        help="compressed steps measured per candidate method before the time-aware decision")
+    parser.add_argument("--time-aware-tolerance", type=float, default=0.02,
+                        help="prefer dense layers (auto: the earlier candidate) when predicted within this fraction of the fastest step")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per worker per step")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -143,9 +153,16 @@ def register_method(ddp: DistributedDataParallel, args: argparse.Namespace):
                    "warmup_steps": args.warmup_steps}
         if args.quantize_chunk is not None:
             options["chunk"] = args.quantize_chunk
+    elif args.method == "auto":
+        options = {"rank": args.rank, "density": args.density, "warmup_steps": args.warmup_steps,
+                   "powersgd_options": {"seed": args.seed}, "topk_options": {"eta": args.eta, "momentum": args.feedback_momentum}}
+        if args.feedback is not None:
+            options["topk_options"]["feedback"] = args.feedback
     options["hierarchical"] = {"auto": "auto", "on": True, "off": False}[args.hierarchical]
     if args.method in ("topk", "quantize") and args.feedback is not None:
         options["feedback"] = args.feedback
+    if args.time_aware or args.method == "auto":
+        options["time_aware"] = gcomp.TimeAwareConfig(trial_steps=args.time_aware_trial_steps, tolerance=args.time_aware_tolerance)
     if args.adaptive:
         options["adaptive"] = gcomp.AdaptiveConfig(
             every_steps=args.adapt_every,
@@ -239,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = progress(range(start, args.steps), total=args.steps - start, initial=start, desc=args.method,
                      enabled=rank == 0 and not args.no_progress, unit="step")
     started = time.perf_counter()
+    decision_shown = False
     loss_value = float("nan")
     validation = None
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
@@ -266,6 +284,14 @@ def main(argv: list[str] | None = None) -> int:
                 record["gcomp_seconds"] = dict(stats["seconds"])
                 record["links"] = stats["links"]
                 record["path"] = stats["topology"]["path"]
+                decision = (stats.get("time_aware") or {}).get("decision")
+                if decision is not None:
+                    record["time_aware"] = {key: decision.get(key) for key in (
+                        "step", "choice", "predicted_step_s", "predicted_step_s_by_option", "link", "base_step_s",
+                        "backward_window_s", "compute", "compressed_layers", "dense_layer_count")}
+                    if not decision_shown:
+                        progress_write(steps, f"time-aware decision: {json.dumps(record['time_aware'])}")
+                        decision_shown = True
             line = f"step {step + 1:5d}  loss {loss_value:.4f}"
             if validation is not None:
                 line += f"  val {validation:.4f}"

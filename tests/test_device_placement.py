@@ -15,6 +15,7 @@ its pure-torch twin, which FakeTensorMode traces as it is) (``gcomp.ops``), so m
 sizes and devices are the real ones. What this cannot show (numerics, stream order, NCCL itself) is what ``benchmarks/gpu_check.py``
 checks on a real GPU; the CPU suite checks numerics everywhere else.
 """
+import time
 from contextlib import nullcontext
 from typing import Any, Optional
 
@@ -46,6 +47,9 @@ class FakeDeviceRuntime(DeviceRuntime):
 
     def producer_event(self, device: torch.device) -> Optional[Any]:
         return None
+
+    def mark(self, device: torch.device) -> Any:
+        return time.perf_counter()  # the real one records a CUDA timing event
 
     def reduction_scope(self, device: torch.device, producer: Optional[Any]):
         return nullcontext()
@@ -99,6 +103,9 @@ METHODS = [
     ("quantize", {"bits": 1, "feedback": "econtrol"}),
     ("quantize", {"bits": 2, "feedback": "ef21-sgdm", "layer_bits": {"0": 8}}),
     ("quantize", {"bits": 4, "adaptive": gcomp.AdaptiveConfig(every_steps=2, accumulate_steps=1)}),
+    ("topk", {"density": 0.1, "warmup_steps": 3, "time_aware": gcomp.TimeAwareConfig()}),
+    ("powersgd", {"rank": 2, "warmup_steps": 3, "time_aware": gcomp.TimeAwareConfig(trial_steps=2)}),
+    ("auto", {"rank": 2, "density": 0.1, "warmup_steps": 3}),
 ]
 assert {method for method, _ in METHODS} == set(gcomp.METHODS), "a method was added: drive it here too"
 
@@ -115,12 +122,17 @@ def fake_process_group():
 def _drive(method: str, options: dict, dtype: torch.dtype, steps: int = 5) -> tuple[gcomp.HookState, FakeDeviceRuntime]:
     options = dict(options)
     adaptive = options.pop("adaptive", None)
+    time_aware = options.pop("time_aware", None)
+    options.setdefault("warmup_steps", 1)
     runtime = FakeDeviceRuntime()
-    state = gcomp.METHODS[method](warmup_steps=1, worker=CommWorker(runtime=runtime, inline=True), **options)
+    state = gcomp.METHODS[method](worker=CommWorker(runtime=runtime, inline=True), **options)
     if adaptive is not None:
         gcomp.AdaptiveController(state, adaptive)
+    if time_aware is not None:
+        gcomp.TimeAwareController(state, time_aware)
     hook = {"allreduce": gcomp.allreduce_hook, "fp16": gcomp.fp16_hook, "bf16": gcomp.bf16_hook,
-            "powersgd": gcomp.powersgd_hook, "topk": gcomp.topk_hook, "quantize": gcomp.quantize_hook}[method]
+            "powersgd": gcomp.powersgd_hook, "topk": gcomp.topk_hook, "quantize": gcomp.quantize_hook,
+            "auto": gcomp.auto_hook}[method]
     with FakeTensorMode(allow_non_fake_inputs=False):
         params = [torch.nn.Parameter(torch.zeros(shape, device="cuda", dtype=dtype)) for shape in SHAPES]
         state.attach(torch.nn.ParameterList(params))
@@ -142,14 +154,20 @@ def _drive(method: str, options: dict, dtype: torch.dtype, steps: int = 5) -> tu
 @pytest.mark.parametrize("method, options", METHODS, ids=[f"{m}-{i}" for i, (m, _) in enumerate(METHODS)])
 def test_hook_path_keeps_every_tensor_on_the_bucket_device(fake_process_group, monkeypatch, method, options, dtype):
     monkeypatch.setattr(torch.Tensor, "copy_", lambda self, source, non_blocking=False: torch.ops.aten.copy_.default(self, source, non_blocking))
-    state, runtime = _drive(method, options, dtype)
+    warmup = options.get("warmup_steps", 1)
+    steps = 10 if warmup > 1 else 5  # the time-aware choice: warm-up, trial steps, then its decision
+    state, runtime = _drive(method, options, dtype, steps)
     stats = state.stats()
-    assert stats["steps"] == 5 and stats["compressed_steps"] == 4
+    assert stats["steps"] == steps and stats["compressed_steps"] == steps - warmup
     assert runtime.host_reads > 0  # the seam was used: every host read went through it
-    if method in ("powersgd", "topk", "quantize"):
+    if method in ("powersgd", "topk", "quantize") and state.time_controller is None:
         assert state.layer_state, "compressed steps left state"
     if "adaptive" in options:
         assert state.controller.decisions >= 1
+    if state.time_controller is not None:
+        # The fake host reads measure nothing (zeros: an infinitely fast link), so the decision,
+        # made on the fake GPU after the trial steps, sends every layer dense.
+        assert stats["time_aware"]["decided"] and stats["time_aware"]["decision"]["compressed_layers"] == []
 
 
 def test_a_cpu_tensor_meeting_the_fake_gpu_is_caught(fake_process_group):

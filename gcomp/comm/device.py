@@ -21,6 +21,7 @@ cannot be read, so the whole hook path runs on a device type other than the CPU 
 from __future__ import annotations
 
 import math
+import time
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, Optional
 
@@ -47,6 +48,25 @@ class DeviceRuntime:
     def to_list(self, tensor: torch.Tensor) -> list[Any]:
         """The values of a small tensor on the host (checksums, flags, error tables)."""
         return tensor.tolist()
+
+    # ------------------------------------------------------------------ clocks
+    def mark(self, device: torch.device) -> Any:
+        """A point in time on ``device``'s current stream, for :meth:`seconds` (the time-aware
+        choice times a few steps with these). CPU: the host clock. CUDA: a timing event recorded on
+        the current stream, so nothing waits for the device here; the wait happens in
+        :meth:`seconds`, once per measured step, off the autograd thread."""
+        if device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(device))
+        return event
+
+    def seconds(self, start: Any, end: Any) -> float:
+        """Seconds from mark ``start`` to mark ``end`` (waits until ``end`` has happened on CUDA)."""
+        if isinstance(start, float) and isinstance(end, float):
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
 
     # ------------------------------------------------------------------ streams and futures
     def producer_event(self, device: torch.device) -> Optional[Any]:

@@ -92,6 +92,12 @@ class HookState(ABC):
         # ``controller.on_step_end(steps)`` runs after every completed step (adaptive settings).
         self.observer: Optional[Callable[[str, tuple[int, ...], torch.Tensor], None]] = None
         self.controller: Optional[Any] = None
+        # The time-aware choice (gcomp.adaptive.timeaware): it times the buckets of the steps it
+        # asks for (``wants_timing(step)``, ``record_bucket``) and decides at step ends
+        # (``on_step_end(step)``), before ``controller``. ``dense_layers``: layers it sends dense
+        # whatever their per-layer setting.
+        self.time_controller: Optional[Any] = None
+        self.dense_layers: frozenset[str] = frozenset()
         # Loss scale of the gradients DDP hands over (see set_gradient_scale): the one asked for
         # next, and the one the stored gradient-valued tensors are in (None: not known yet).
         self._requested_gradient_scale: Optional[float] = None
@@ -127,6 +133,26 @@ class HookState(ABC):
         ``buffer.device`` only, and defer state updates with ``self.store.stage`` so they can be
         dropped if the step turns out non-finite.
         """
+
+    def decided_settings(self) -> dict[str, Any]:
+        """Settings decided while training (the time-aware choice) that must agree on every rank
+        like the configuration; empty when there are none, so the agreement text stays as before."""
+        out: dict[str, Any] = {}
+        if self.dense_layers:
+            out["dense_layers"] = sorted(self.dense_layers)
+        if self.time_controller is not None:
+            out["time_aware"] = self.time_controller.config_dict()
+        return out
+
+    def set_dense_layers(self, names: Iterable[str]) -> None:
+        """Send these layers dense whatever their per-layer setting (the time-aware choice; call
+        between steps, on every rank alike: the next step proves every rank holds the same)."""
+        names = frozenset(names)
+        if any(not isinstance(name, str) for name in names):
+            raise TypeError(f"dense layers must be parameter names (str); got {sorted(map(repr, names))}")
+        if names != self.dense_layers:
+            self.dense_layers = names
+            self.settings_changed()
 
     # ------------------------------------------------------------------ public interface
     @property
@@ -180,6 +206,8 @@ class HookState(ABC):
         out["method"] = self.method
         out["topology"] = self._path_description()
         out["state_bytes"] = self.memory_bytes()
+        if self.time_controller is not None:
+            out["time_aware"] = self.time_controller.summary()
         return out
 
     def memory_bytes(self) -> dict[str, int]:
@@ -209,6 +237,8 @@ class HookState(ABC):
             "gradient_scale": self._gradient_scale,
             "overrides": dict(self.layer_overrides()),
             "topology": self._path_description(),
+            "dense_layers": sorted(self.dense_layers),
+            "time_aware": self.time_controller.state_dict() if self.time_controller is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -249,6 +279,9 @@ class HookState(ABC):
         self._requested_gradient_scale = self._gradient_scale
         # Format 1 saved the overrides under the method's own option name.
         self.set_layer_overrides(state.get("overrides", state.get("layer_ranks", state.get("layer_densities", {}))))
+        self.set_dense_layers(state.get("dense_layers", ()))
+        if self.time_controller is not None and state.get("time_aware") is not None:
+            self.time_controller.load_state_dict(state["time_aware"])
 
     def close(self) -> None:
         """Stop the communication thread (call before ``destroy_process_group``)."""
@@ -333,7 +366,10 @@ class HookState(ABC):
         step = self.lifecycle.begin_bucket(bucket.is_last())
         is_last = bucket.is_last()
         scale = self._requested_gradient_scale  # read here: every bucket of a backward sees the same
-        return self.worker.submit(lambda: self._reduce_job(buffer, layout, step, is_last, scale), buffer.device)
+        # When the time-aware choice measures this step: the moment backward handed the bucket over.
+        timing = self.time_controller is not None and self.time_controller.wants_timing(step)
+        submitted = self.worker.runtime.mark(buffer.device) if timing else None
+        return self.worker.submit(lambda: self._reduce_job(buffer, layout, step, is_last, scale, submitted), buffer.device)
 
     def _layout_for(self, bucket: dist.GradBucket) -> BucketLayout:
         params = bucket.parameters()
@@ -343,12 +379,20 @@ class HookState(ABC):
             layout = self._layouts[key] = BucketLayout.from_bucket(bucket, self.names)
         return layout
 
+    def _stores(self) -> list[LayerStore]:
+        """The stores whose staged updates a step's end commits or drops (a state that hands its
+        buckets to other states adds theirs)."""
+        return [self.store]
+
     def _reduce_job(
-        self, buffer: torch.Tensor, layout: BucketLayout, step: int, is_last: bool, scale: Optional[float]
+        self, buffer: torch.Tensor, layout: BucketLayout, step: int, is_last: bool, scale: Optional[float],
+        submitted: Optional[Any] = None,
     ) -> torch.Tensor:
+        started = self.worker.runtime.mark(buffer.device) if submitted is not None else None
         if scale is not None and scale != self._gradient_scale:
             if self._gradient_scale is not None:
-                self.store.rescale_gradient_valued(scale / self._gradient_scale)
+                for store in self._stores():
+                    store.rescale_gradient_valued(scale / self._gradient_scale)
             self._gradient_scale = scale
         if not self._config_verified:
             self._verify_config(buffer.device)
@@ -366,17 +410,19 @@ class HookState(ABC):
             result = self._average(buffer, layout, step)
         else:
             result = reduce_within_nodes(self, buffer, layout, step)
+        if submitted is not None:
+            self.time_controller.record_bucket(step, layout, submitted, started, self.worker.runtime.mark(buffer.device))
         if is_last:
-            self.lifecycle.finish(self.store, self.traffic)
+            self.lifecycle.finish(self._stores(), self.traffic)
             if step == 0:
                 self._check_override_names()
-            if self.controller is not None:
+            if self.controller is not None or self.time_controller is not None:
                 # Queued behind this bucket, so the step's last future completes first: the
                 # training thread goes on (optimizer step, next forward) while the controller
                 # profiles or decides, and the next step's buckets queue behind it in the same
                 # order on every rank (its collectives cannot interleave with theirs).
                 compressed_steps = self.traffic.compressed_steps
-                self.worker.submit(lambda: self._controller_step_end(compressed_steps, buffer.device), buffer.device)
+                self.worker.submit(lambda: self._controller_step_end(step, compressed_steps, buffer.device), buffer.device)
         return result
 
     def _average(self, buffer: torch.Tensor, layout: BucketLayout, step: int) -> torch.Tensor:
@@ -415,8 +461,11 @@ class HookState(ABC):
             return {"path": "flat", "reason": self.path_reason}
         return {"path": "hierarchical", **self.node_groups.describe()}
 
-    def _controller_step_end(self, compressed_steps: int, device: torch.device) -> torch.Tensor:
-        self.controller.on_step_end(compressed_steps)
+    def _controller_step_end(self, step: int, compressed_steps: int, device: torch.device) -> torch.Tensor:
+        if self.time_controller is not None:
+            self.time_controller.on_step_end(step, device)
+        if self.controller is not None:
+            self.controller.on_step_end(compressed_steps)
         return torch.zeros((), device=device)
 
     def synchronize(self) -> None:
@@ -432,7 +481,8 @@ class HookState(ABC):
         unknown = self._unknown_override_names() if self.names.source == "module" else []
         check_agreement(
             self.transport, self.worker.runtime, "the compression configuration",
-            {"method": self.method, **self.config(), "overrides": dict(self.layer_overrides()), "unknown_layer_names": unknown},
+            {"method": self.method, **self.config(), "overrides": dict(self.layer_overrides()), **self.decided_settings(),
+             "unknown_layer_names": unknown},
             device,
             hint="Use the same method and options on every rank.",
         )

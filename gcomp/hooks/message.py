@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Sequence, Union
+from typing import AbstractSet, Any, ClassVar, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -150,12 +150,16 @@ class MessageState(HookState):
         """``out += weight * decode(message)`` for every message (one, or one per row), in row order."""
 
     # ------------------------------------------------------------------ the protocol
-    def _build_plan(self, layout: BucketLayout) -> MessagePlan:
+    def _build_plan(self, layout: BucketLayout, dense_layers: Optional[AbstractSet[str]] = None) -> MessagePlan:
+        """``dense_layers``: layers sent dense whatever their setting (default: the state's own, see
+        :meth:`HookState.set_dense_layers`; the time-aware choice passes an empty set to see which
+        layers *could* be compressed)."""
+        forced = self.dense_layers if dense_layers is None else dense_layers
         dense_element = torch.finfo(layout.dtype).bits // 8  # dense layers travel in the bucket's dtype
         dense: list[LayerSlot] = []
         compressed: list[MessageLayer] = []
         for slot in layout.layers:
-            if slot.numel == 0:
+            if slot.numel == 0 or slot.name in forced:
                 dense.append(slot)
                 continue
             setting = self.layer_setting(slot)

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import AbstractSet, Any, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -208,12 +208,16 @@ class PowerSGDState(HookState):
         return [workspace for pool in self._workspaces.values() for workspace in pool]
 
     # ------------------------------------------------------------------ the codec
-    def _build_plan(self, layout: BucketLayout) -> PowerSGDPlan:
+    def _build_plan(self, layout: BucketLayout, dense_layers: Optional[AbstractSet[str]] = None) -> PowerSGDPlan:
+        """``dense_layers``: layers sent dense whatever their rank (default: the state's own, see
+        :meth:`HookState.set_dense_layers`; the time-aware choice passes an empty set to see which
+        layers *could* be compressed)."""
+        forced = self.dense_layers if dense_layers is None else dense_layers
         dense: list[LayerSlot] = []
         grouped: dict[tuple[int, int, int], list[LayerSlot]] = {}
         for slot in layout.layers:
             rank = self.layer_ranks.get(slot.name, self.rank)
-            if slot.numel > 0 and should_compress(slot.shape, rank, self.min_compression_rate):
+            if slot.numel > 0 and slot.name not in forced and should_compress(slot.shape, rank, self.min_compression_rate):
                 n, m = matrix_shape(slot.shape)
                 grouped.setdefault((n, m, effective_rank(n, m, rank)), []).append(slot)
             else:

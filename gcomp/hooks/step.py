@@ -9,6 +9,8 @@ the hook.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 from .store import LayerStore
 from ..metrics import TrafficStats
 
@@ -46,12 +48,14 @@ class StepLifecycle:
     def mark_compressed(self) -> None:
         self._compressed = True
 
-    def finish(self, store: LayerStore, traffic: TrafficStats) -> None:
-        """End of step: commit or drop the staged updates, count the step."""
-        if self._finite:
-            store.commit()
-        else:
-            store.drop()
+    def finish(self, stores: Sequence[LayerStore], traffic: TrafficStats) -> None:
+        """End of step: commit or drop the staged updates of every store, count the step."""
+        for store in stores:
+            if self._finite:
+                store.commit()
+            else:
+                store.drop()
+        if not self._finite:
             traffic.skipped_steps += 1
         traffic.steps += 1
         if self._compressed:
