@@ -112,6 +112,7 @@ def _mismatched_configuration(rank: int, world_size: int, first: dict, second: d
         (("powersgd", {"factor_dtype": "bfloat16"}), ("powersgd", {})),
         (("topk", {"density": 0.01}), ("topk", {"density": 0.02})),
         (("topk", {"feedback": "ef21"}), ("topk", {"feedback": "econtrol"})),
+        (("topk", {"exchange": "allgather"}), ("topk", {"exchange": "shared_indices"})),
         (("quantize", {"bits": 4}), ("topk", {})),
         (("quantize", {"rounding": "nearest"}), ("quantize", {"rounding": "stochastic"})),
         (("quantize", {"chunk": 256}), ("quantize", {"chunk": 512})),

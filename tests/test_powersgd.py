@@ -100,15 +100,22 @@ def test_expected_bytes_per_step():
     assert math.isclose(result["ratio"], result["uncompressed"] / result["expected"])
 
 
+def _dense_and_factor_numel(model: nn.Module, rank: int) -> tuple[int, int]:
+    """Elements sent per compressed step: dense leftovers, and P + Q of the compressed matrices
+    (``(n + m) * rank`` each, compressed when that is 2x smaller than the matrix)."""
+    dense = factors = 0
+    for param in model.parameters():
+        if param.dim() == 2 and (param.shape[0] + param.shape[1]) * rank * 2 < param.numel():
+            factors += (param.shape[0] + param.shape[1]) * rank
+        else:
+            dense += param.numel()
+    return dense, factors
+
+
 def _bytes_run(rank: int, world_size: int) -> dict:
     model = make_mlp(width=64, depth=3)
     got = train_steps(rank, "powersgd", {"rank": 2, "warmup_steps": 1}, 3, 25, model=model)
-    dense = compressed = 0
-    for param in model.parameters():
-        if param.dim() == 2 and (param.shape[0] + param.shape[1]) * 2 * 2 < param.numel():
-            compressed += (param.shape[0] + param.shape[1]) * 2
-        else:
-            dense += param.numel()
+    dense, compressed = _dense_and_factor_numel(model, rank=2)
     numel = sum(p.numel() for p in model.parameters())
     # step 0 dense; steps 1-2: [dense | P] and [Q], P + Q = (n + m) * rank per layer.
     expected = 4 * numel + 2 * 4 * (dense + compressed)
@@ -141,12 +148,7 @@ def _factor_dtype_run(rank: int, world_size: int, factor_dtype: str) -> dict:
             local_input = local_grad.reshape(param.shape[0], -1) + before.get(name, torch.zeros_like(after))
             worst = max(worst, float((local_input - (param.grad.reshape(param.shape[0], -1) + after)).norm() / local_input.norm()))
         optimizer.step()
-    compressed = dense = 0
-    for param in model.parameters():
-        if param.dim() == 2 and (param.shape[0] + param.shape[1]) * 2 * 2 < param.numel():
-            compressed += (param.shape[0] + param.shape[1]) * 2
-        else:
-            dense += param.numel()
+    dense, compressed = _dense_and_factor_numel(model, rank=2)
     numel = sum(p.numel() for p in model.parameters())
     factor_bytes = 4 if factor_dtype == "float32" else 2
     result = {

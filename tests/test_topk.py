@@ -7,6 +7,8 @@ import math
 import os
 
 import pytest
+from typing import Optional
+
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -194,11 +196,12 @@ def _train(ddp, optimizer, rank: int, steps: range) -> None:
         optimizer.step()
 
 
-def _checkpoint_run(rank: int, directory: str) -> dict:
-    """Per rule: save every rank's state, rebuild DDP, load, continue; compare with no interruption."""
+def _checkpoint_run(rank: int, directory: str, extra_options: Optional[dict] = None) -> dict:
+    """Per rule: save every rank's state, rebuild DDP, load, continue; compare with no interruption.
+    ``extra_options``: further TopKState options (another exchange, for instance)."""
     out = {}
     for feedback in STATEFUL_FEEDBACKS:
-        options = {"density": 0.1, "feedback": feedback, "warmup_steps": 3, "eta": 0.2, "momentum": 0.7}
+        options = {"density": 0.1, "feedback": feedback, "warmup_steps": 3, "eta": 0.2, "momentum": 0.7, **(extra_options or {})}
         ddp, state, optimizer = _build(options)
         _train(ddp, optimizer, rank, range(TOTAL))
         uninterrupted = [p.detach().clone() for p in ddp.parameters()]
@@ -229,6 +232,7 @@ def _checkpoint_run(rank: int, directory: str) -> dict:
             "difference": max(float((a - b).abs().max()) for a, b in zip(uninterrupted, resumed)),
             "steps": steps,
             "saved_tensors": sum(len(tensors) for tensors in checkpoint["gcomp"]["layers"].values()),
+            "saved_exchange": checkpoint["gcomp"]["config"]["exchange"],
         }
     return out
 
