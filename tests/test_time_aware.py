@@ -9,7 +9,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import gcomp
-from gcomp.adaptive.cost import BucketCost, CostModel, LayerCost, Link, choose_dense, fit_compute, fit_link
+from gcomp.adaptive.cost import BucketCost, CostModel, LayerCost, MeasuredLink, choose_dense, fit_compute, fit_link
 from gcomp.adaptive.timeaware import dense_bucket, describe_bucket
 from gcomp.adaptive.timing import LocalMeasurements, combine
 from distributed import run_ranks
@@ -36,7 +36,7 @@ BUCKETS = [
 
 def _model(rate: float, latency: float = 1e-4, per_element: float = 1e-9, window: float = 0.0, base: float = 0.01) -> CostModel:
     ready = tuple(window * i / (len(BUCKETS) - 1) for i in range(len(BUCKETS)))
-    return CostModel(Link(latency, rate, world=2), ready, base, per_element=per_element)
+    return CostModel(MeasuredLink(latency, rate, world=2), ready, base, per_element=per_element)
 
 
 def test_slow_link_compresses_every_large_layer():
@@ -80,14 +80,14 @@ def test_tolerance_prefers_dense_when_the_gain_is_small():
 
 
 def test_pipeline_exposure():
-    model = CostModel(Link(0.0, 1.0, 2), ready=(0.0, 1.0, 2.0), base=0.0)
+    model = CostModel(MeasuredLink(0.0, 1.0, 2), ready=(0.0, 1.0, 2.0), base=0.0)
     assert model.exposed([0.5, 0.5, 0.5]) == pytest.approx(0.5)  # each hidden but the last
     assert model.exposed([3.0, 0.5, 0.5]) == pytest.approx(2.0)  # 3.0 + 0.5 + 0.5 - 2.0
     assert model.exposed([0.0, 0.0, 0.0]) == 0.0
 
 
 def test_fits_recover_synthetic_parameters():
-    link = Link(latency=2e-4, rate=5e7, world=4)
+    link = MeasuredLink(latency=2e-4, rate=5e7, world=4)
     jobs = [(nbytes, link.allreduce(nbytes)) for nbytes in (1e5, 1e6, 4e6)]
     fitted = fit_link(2e-4, jobs, world=4)
     assert fitted.rate == pytest.approx(5e7) and fitted.latency == 2e-4
@@ -163,7 +163,7 @@ def synthetic(link: dict, window: float = 0.0, base: float = 0.05, trial: float 
     """Measurements of a link ``link`` for whatever buckets the decision step has."""
 
     def measurements(layouts):
-        model = Link(link["latency"], link["rate"], 2)
+        model = MeasuredLink(link["latency"], link["rate"], 2)
         buckets = len(layouts)
         return LocalMeasurements(
             latency=link["latency"], base=base,

@@ -38,9 +38,12 @@ from typing import AbstractSet, Optional, Sequence
 
 
 @dataclass(frozen=True)
-class Link:
-    """A collective costs ``latency + wire bytes / rate`` (``rate``: bytes per second and rank,
-    ``math.inf`` for a link that costs only its latency)."""
+class MeasuredLink:
+    """The link as this choice measures it: ``latency`` is one fitted constant per collective
+    (from a probe of tiny allreduces), unlike :class:`gcomp.comm.cost.Link`, which models textbook
+    algorithms with a latency per message to project other world sizes. A collective costs
+    ``latency + wire bytes / rate`` (``rate``: bytes per second and rank, ``math.inf`` for a link
+    that costs only its latency)."""
 
     latency: float
     rate: float
@@ -116,7 +119,7 @@ class BucketCost:
 class CostModel:
     """Predicted step time of one method on this run's link and backward schedule."""
 
-    link: Link
+    link: MeasuredLink
     ready: tuple[float, ...]  # seconds from the step's first bucket to each bucket's hand-over
     base: float  # step seconds that are not exposed communication
     per_element: float = 0.0  # compute seconds per compressed element
@@ -215,7 +218,7 @@ def choose_dense(model: CostModel, buckets: Sequence[BucketCost], tolerance: flo
     )
 
 
-def fit_link(latency: float, dense_jobs: Sequence[tuple[float, float]], world: int) -> Link:
+def fit_link(latency: float, dense_jobs: Sequence[tuple[float, float]], world: int) -> MeasuredLink:
     """The link from a latency probe and dense allreduces ``(bytes, seconds)``: the rate that
     explains their seconds beyond latency. Allreduces no slower than the latency give an
     infinitely fast link (only latency counts)."""
@@ -223,10 +226,10 @@ def fit_link(latency: float, dense_jobs: Sequence[tuple[float, float]], world: i
     wire = sum(2 * (world - 1) / world * nbytes for nbytes, _ in dense_jobs)
     beyond = sum(max(0.0, seconds - latency) for _, seconds in dense_jobs)
     rate = wire / beyond if beyond > 0 and wire > 0 else math.inf
-    return Link(latency=latency, rate=rate, world=world)
+    return MeasuredLink(latency=latency, rate=rate, world=world)
 
 
-def fit_compute(link: Link, jobs: Sequence[tuple[BucketCost, float]], dense: AbstractSet[str] = frozenset()) -> tuple[float, float]:
+def fit_compute(link: MeasuredLink, jobs: Sequence[tuple[BucketCost, float]], dense: AbstractSet[str] = frozenset()) -> tuple[float, float]:
     """``(per_layer, per_element)`` compute seconds, from compressed reductions ``(bucket,
     seconds)``: what the link model does not explain of them. A least-squares fit of both terms
     (both >= 0) when at least three buckets with different layer sizes were measured, else all of it
