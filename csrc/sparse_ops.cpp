@@ -247,11 +247,7 @@ Key chosen_bin_first(const PackLayerPlan<Key>& plan) {
 
 // The part of the chosen bin a key of it falls in: kBinParts equal parts of the bin's width (the
 // top bin's keys beyond that width share the last one).
-template <class Key>
-int bin_part(Key key, Key bin_first, int shift) {
-  const int part_shift = std::max(0, shift - 4);  // kBinParts == 1 << 4
-  return static_cast<int>(std::min<Key>((key - bin_first) >> part_shift, kBinParts - 1));
-}
+inline int bin_part_shift(int shift) { return std::max(0, shift - 4); }  // kBinParts == 1 << 4
 
 // A chunk of a layer. Its lists live in the arenas of the thread that scanned it (`owner`).
 template <class Key>
@@ -267,8 +263,8 @@ struct PackChunk {
   int64_t word_at = 0;  // kept words: word list [word_at, word_at + ceil(length / 64))
   int64_t position_at = 0;  // with plan.positions: position list [position_at, position_at + n_kept)
   uint32_t histogram[kHistogramBins];
-  std::vector<Key> bin_key;  // bracket keys inside the layer's chosen bin, sorted by bin part
-  int64_t part_start[kBinParts + 1] = {};  // bin_key[part_start[p], part_start[p + 1]): part p
+  std::vector<Key> bin_key;  // bracket keys inside the layer's chosen bin, in index order
+  uint32_t part_count[kBinParts] = {};  // bin keys in each part of the bin
   int64_t n_above_high = 0;
   int64_t above_bin = 0;  // bracket keys in bins above the chosen one
   int64_t n_above = 0;    // keys > kth
@@ -298,19 +294,71 @@ void publish_lists(ListBases<In, Key>& bases) {
   bases.positions[t] = thread_arena<uint16_t, kPositionList>().data.get();
 }
 
-// One end of a layer's bracket, from a sample of its keys: runs of kSampleRun consecutive elements
-// (one cache line) at a fixed stride. `upper` false sets the lower end (the candidates' bound) and
-// the sparse flag, `upper` true the upper end and the histogram's top. The two calls write
-// different fields, so two threads can take them at once (each takes the same sample).
-template <class In, class Key>
-void bracket_from_sample(const In* x, int64_t numel, int64_t k, PackLayerPlan<Key>& plan, bool upper) {
-  if (upper) {
-    plan.high = std::numeric_limits<Key>::max();
-    plan.top = plan.high;
-  } else {
-    plan.low = 0;
-    plan.sparse = false;
+// The keys of `sample` at two ranks of its descending order, rank_low >= rank_high (0-based;
+// rank_high < 0: none asked); `largest` is the sample's largest key. A histogram of each key's
+// top kRankBits bits (below the highest bit of `largest`) finds the bins that hold the two ranks,
+// and only the keys of the bins from one to the other are ordered (nth_element): two branch-free
+// passes over the sample and a sort of a few percent of it, where a quickselect over the whole
+// sample mispredicts about one branch in two (8 us for both ranks of 4096 keys, against 4 us).
+// Keys that all share a bin (data of one magnitude) make that bin the whole sample: then it costs
+// what nth_element does.
+constexpr int kRankBits = 11;
+template <class Key>
+void sample_ranks(const std::vector<Key>& sample, Key largest, int64_t rank_low, int64_t rank_high, Key& at_low,
+                  Key& at_high) {
+  const int64_t n = static_cast<int64_t>(sample.size());
+  int width = 0;
+  while (width < static_cast<int>(8 * sizeof(Key)) && (largest >> width) != 0) ++width;
+  const int shift = std::max(0, width - kRankBits);
+  // Two interleaved histograms: runs of keys in one bin (common) would otherwise wait on one
+  // counter's store after another.
+  uint16_t counts[2][1 << kRankBits];  // a sample has fewer than 2^16 keys
+  std::memset(counts, 0, sizeof(counts));
+  int64_t i = 0;
+  for (; i + 2 <= n; i += 2) {
+    ++counts[0][sample[i] >> shift];
+    ++counts[1][sample[i + 1] >> shift];
   }
+  if (i < n) ++counts[0][sample[i] >> shift];
+  // The bins holding the two ranks, walked down from the largest key's bin; `above`: the keys
+  // in the bins above the upper one.
+  const int64_t upper_rank = std::max<int64_t>(rank_high, 0);
+  int64_t seen = 0, above = 0;
+  int64_t bin = static_cast<int64_t>(largest >> shift);
+  int64_t upper_bin = bin;
+  for (;; --bin) {
+    const int64_t count = counts[0][bin] + counts[1][bin];
+    if (seen + count <= upper_rank) above = seen + count, upper_bin = bin - 1;
+    if (rank_low < seen + count) break;
+    seen += count;
+  }
+  // The keys of bins [bin, upper_bin], gathered without a branch per key.
+  static thread_local std::vector<Key> between;
+  between.resize(static_cast<size_t>(n));
+  const uint64_t span = static_cast<uint64_t>(upper_bin - bin);
+  int64_t count = 0;
+  for (const Key key : sample) {
+    between[count] = key;
+    count += static_cast<uint64_t>(static_cast<int64_t>(key >> shift) - bin) <= span;
+  }
+  const auto first = between.begin();
+  std::nth_element(first, first + (rank_low - above), first + count, std::greater<Key>());
+  at_low = first[rank_low - above];
+  if (rank_high >= 0) {
+    std::nth_element(first, first + (rank_high - above), first + (rank_low - above), std::greater<Key>());
+    at_high = first[rank_high - above];
+  }
+}
+
+// A layer's bracket, from a sample of its keys: runs of kSampleRun consecutive elements (one
+// cache line) at a fixed stride. Sets the lower end (the candidates' bound) and the sparse flag,
+// the upper end and the histogram's top.
+template <class In, class Key>
+void bracket_from_sample(const In* x, int64_t numel, int64_t k, PackLayerPlan<Key>& plan) {
+  plan.high = std::numeric_limits<Key>::max();
+  plan.top = plan.high;
+  plan.low = 0;
+  plan.sparse = false;
   if (numel < kSampleMinNumel) return;
   const int64_t n_runs = std::min<int64_t>(1024, std::max<int64_t>(16, numel / 4096));
   const int64_t n_sample = n_runs * kSampleRun;
@@ -324,25 +372,26 @@ void bracket_from_sample(const In* x, int64_t numel, int64_t k, PackLayerPlan<Ke
   sample.resize(static_cast<size_t>(n_sample));
   // The runs are far apart (cache misses each): ask for all of them before reading any.
   for (int64_t r = 0; r < n_runs; ++r) __builtin_prefetch(x + r * stride);
+  Key largest[kSampleRun] = {};  // per lane: no chain of dependent maxima
   for (int64_t r = 0; r < n_runs; ++r) {
     for (int64_t i = 0; i < kSampleRun; ++i) {
-      sample[r * kSampleRun + i] = format::magnitude_key(x[r * stride + i]);
+      const Key key = format::magnitude_key(x[r * stride + i]);
+      sample[r * kSampleRun + i] = key;
+      largest[i] = std::max(largest[i], key);
     }
   }
-  if (!upper) {
-    std::nth_element(sample.begin(), sample.begin() + rank_low, sample.end(), std::greater<Key>());
-    plan.low = sample[rank_low];
-    plan.sparse = (rank_low + 1) * kSparseCandidateRatio < n_sample;
-    return;
-  }
+  const Key sample_max = *std::max_element(largest, largest + kSampleRun);
+  Key high = plan.high;
+  sample_ranks(sample, sample_max, rank_low, rank_high, plan.low, high);
+  plan.sparse = (rank_low + 1) * kSparseCandidateRatio < n_sample;
   // The histogram spans the sampled keys of the bracket; the few keys above the sample's largest
-  // share the top bin.
-  const Key sample_max = *std::max_element(sample.begin(), sample.end());
+  // share the top bin (with no upper end from the sample, the top is the sample's largest key).
   if (rank_high >= 0) {
-    std::nth_element(sample.begin(), sample.begin() + rank_high, sample.end(), std::greater<Key>());
-    plan.high = sample[rank_high];
+    plan.high = high;
+    plan.top = high;
+  } else {
+    plan.top = sample_max;
   }
-  plan.top = std::min(plan.high, sample_max);
 }
 
 // Running state of one chunk's scan.
@@ -1110,48 +1159,53 @@ void choose_bin(PackLayerPlan<Key>& plan, const PackChunk<Key>* chunks) {
   plan.above_bins = above;
 }
 
-// A chunk's bracket keys in the chosen bin (sorted by part), and how many lie in the bins above it.
+// Appends the keys in [lowest, highest] of keys[0, n) to out (room for the count + 16), in order;
+// returns the count. Vector code at the SIMD levels (32-bit keys), else a branch-free loop.
+template <class Key>
+int64_t collect_range(const Key* keys, int64_t n, Key lowest, Key highest, Key* out, SimdLevel level) {
+#ifdef GCOMP_X86_SIMD
+  if constexpr (std::is_same_v<Key, uint32_t>) {
+    if (level == SimdLevel::kAvx512) return collect_range_avx512(keys, n, lowest, highest, out);
+    if (level == SimdLevel::kAvx2) return collect_range_avx2(keys, n, lowest, highest, out);
+  }
+#endif
+  (void)level;
+  int64_t count = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    out[count] = keys[j];
+    count += (keys[j] >= lowest) & (keys[j] <= highest);
+  }
+  return count;
+}
+
+// The keys of the plan's chosen bin form [chosen_bin_first, chosen_bin_last].
+template <class Key>
+Key chosen_bin_last(const PackLayerPlan<Key>& plan) {
+  return plan.bin == kHistogramBins - 1 ? std::numeric_limits<Key>::max()
+                                        : static_cast<Key>(chosen_bin_first(plan) + ((static_cast<Key>(1) << plan.shift) - 1));
+}
+
+// A chunk's bracket keys in the chosen bin (in index order), how many of them fall in each part
+// of the bin, and how many bracket keys lie in the bins above it. The parts are counted by the
+// scan's vector histogram (a part is a histogram bin of the chosen bin's range), not sorted into:
+// a counting sort's two scalar passes cost more than all the rest of this step, and settle_layer
+// picks out the one part it needs with a vector loop.
+static_assert(kBinParts == kHistogramBins, "bin parts are counted by histogram_keys");
 template <class In, class Key>
 void collect_bin(const PackLayerPlan<Key>& plan, const ListBases<In, Key>& bases, PackChunk<Key>& chunk,
                  SimdLevel level) {
   chunk.bin_key.clear();
   chunk.above_bin = 0;
-  std::fill(chunk.part_start, chunk.part_start + kBinParts + 1, int64_t(0));
+  std::fill(chunk.part_count, chunk.part_count + kBinParts, 0u);
   if (plan.bin < 0) return;
   for (int b = plan.bin + 1; b < kHistogramBins; ++b) chunk.above_bin += chunk.histogram[b];
   if (chunk.histogram[plan.bin] == 0) return;
-  // The bin's keys form the range [bin_low, bin_high].
-  const Key bin_low = chosen_bin_first(plan);
-  const Key bin_high = plan.bin == kHistogramBins - 1 ? std::numeric_limits<Key>::max()
-                                                      : static_cast<Key>(bin_low + ((static_cast<Key>(1) << plan.shift) - 1));
+  const Key bin_first = chosen_bin_first(plan);
   const Key* keys = bases.keys[chunk.owner] + chunk.key_at;
-  // Gathered here first, then sorted by part into bin_key (a counting sort; parts keep order).
-  static thread_local std::vector<Key> gathered;
-  gathered.resize(chunk.histogram[plan.bin] + 16);
-  int64_t count = 0;
-#ifdef GCOMP_X86_SIMD
-  if constexpr (std::is_same_v<Key, uint32_t>) {
-    if (level == SimdLevel::kAvx512) {
-      count = collect_range_avx512(keys, chunk.n_bracket, bin_low, bin_high, gathered.data());
-    } else if (level == SimdLevel::kAvx2) {
-      count = collect_range_avx2(keys, chunk.n_bracket, bin_low, bin_high, gathered.data());
-    }
-  }
-#endif
-  if (count == 0) {
-    for (int64_t j = 0; j < chunk.n_bracket; ++j) {
-      gathered[count] = keys[j];
-      count += (keys[j] >= bin_low) & (keys[j] <= bin_high);
-    }
-  }
-  (void)level;
-  int64_t sizes[kBinParts] = {};
-  for (int64_t j = 0; j < count; ++j) ++sizes[bin_part(gathered[j], bin_low, plan.shift)];
-  for (int p = 0; p < kBinParts; ++p) chunk.part_start[p + 1] = chunk.part_start[p] + sizes[p];
-  int64_t next[kBinParts];
-  std::copy(chunk.part_start, chunk.part_start + kBinParts, next);
+  chunk.bin_key.resize(chunk.histogram[plan.bin] + 16);
+  const int64_t count = collect_range(keys, chunk.n_bracket, bin_first, chosen_bin_last(plan), chunk.bin_key.data(), level);
   chunk.bin_key.resize(static_cast<size_t>(count));
-  for (int64_t j = 0; j < count; ++j) chunk.bin_key[next[bin_part(gathered[j], bin_low, plan.shift)]++] = gathered[j];
+  histogram_keys(chunk.bin_key.data(), count, bin_first, bin_part_shift(plan.shift), chunk.part_count, level);
 }
 
 // The rank-th largest (0-based) of keys, which it reorders. Large inputs are first narrowed by
@@ -1185,24 +1239,30 @@ Key kth_largest(std::vector<Key>& keys, int64_t rank) {
 // indices, i.e. to the earliest chunks. With need == 0 every key above `high` (and nothing else)
 // is taken.
 template <class Key>
-void settle_layer(PackLayerPlan<Key>& plan, PackChunk<Key>* chunks) {
+void settle_layer(PackLayerPlan<Key>& plan, PackChunk<Key>* chunks, SimdLevel level) {
   PackChunk<Key>* first = chunks + plan.first_chunk;
   PackChunk<Key>* last = first + plan.n_chunks;
   plan.kth = plan.high;
-  int part = 0;  // the part of the chosen bin that holds kth
   if (plan.need > 0) {
     int64_t rank = plan.need - plan.above_bins - 1;  // among the chosen bin's keys
     int64_t sizes[kBinParts] = {};
     for (PackChunk<Key>* c = first; c != last; ++c) {
-      for (int p = 0; p < kBinParts; ++p) sizes[p] += c->part_start[p + 1] - c->part_start[p];
+      for (int p = 0; p < kBinParts; ++p) sizes[p] += c->part_count[p];
     }
-    part = kBinParts - 1;
+    int part = kBinParts - 1;
     for (; rank >= sizes[part]; --part) rank -= sizes[part];
-    std::vector<Key> in_part;
-    in_part.reserve(static_cast<size_t>(sizes[part]));
+    // The part's keys, a key range, picked out of every chunk's bin keys.
+    const int part_shift = bin_part_shift(plan.shift);
+    const Key part_first = chosen_bin_first(plan) + (static_cast<Key>(part) << part_shift);
+    const Key part_last = part == kBinParts - 1 ? chosen_bin_last(plan)
+                                                : static_cast<Key>(part_first + ((static_cast<Key>(1) << part_shift) - 1));
+    std::vector<Key> in_part(static_cast<size_t>(sizes[part] + 16));
+    int64_t count = 0;
     for (PackChunk<Key>* c = first; c != last; ++c) {
-      in_part.insert(in_part.end(), c->bin_key.begin() + c->part_start[part], c->bin_key.begin() + c->part_start[part + 1]);
+      count += collect_range(c->bin_key.data(), static_cast<int64_t>(c->bin_key.size()), part_first, part_last,
+                             in_part.data() + count, level);
     }
+    in_part.resize(static_cast<size_t>(count));
     plan.kth = kth_largest(in_part, rank);
   }
   int64_t bracket_above = 0;  // bracket keys above kth: taken, like every key above `high`
@@ -1210,13 +1270,14 @@ void settle_layer(PackLayerPlan<Key>& plan, PackChunk<Key>* chunks) {
     c->n_above = c->n_above_high;
     c->n_equal = 0;
     if (plan.need > 0) {
-      // Keys of the higher parts lie above kth; of kth's part, some do.
-      int64_t above = c->above_bin + (c->part_start[kBinParts] - c->part_start[part + 1]);
-      for (int64_t j = c->part_start[part]; j < c->part_start[part + 1]; ++j) {
-        above += c->bin_key[j] > plan.kth;
-        c->n_equal += c->bin_key[j] == plan.kth;
+      // Keys of the bins above the chosen one lie above kth; of the chosen bin's, some do.
+      int64_t above = c->above_bin, equal = 0;
+      for (const Key key : c->bin_key) {
+        above += key > plan.kth;
+        equal += key == plan.kth;
       }
       c->n_above += above;
+      c->n_equal = equal;
       bracket_above += above;
     }
   }
@@ -1422,10 +1483,7 @@ void topk_pack_kernel(const In* buffer, const BucketLayout& layout, uint8_t* mes
     const int team = omp_get_num_threads();
     auto first_chunk_of = [&](int t) { return n_chunks * t / team; };
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < 2 * n_layers; ++item) {
-      const int64_t l = item / 2;
-      bracket_from_sample(layer_data(l), layout.numels[l], layout.ks[l], plans[l], item % 2 == 1);
-    }
+    for (int64_t l = 0; l < n_layers; ++l) bracket_from_sample(layer_data(l), layout.numels[l], layout.ks[l], plans[l]);
     // Scan and write-out split the chunks alike (a contiguous run per thread), so each thread
     // reads back the lists it wrote, and the message entries it writes are contiguous too.
     const int thread = omp_get_thread_num();
@@ -1476,10 +1534,11 @@ void topk_pack_kernel(const In* buffer, const BucketLayout& layout, uint8_t* mes
         if (redo[plans[l].first_chunk]) choose_bin(plans[l], chunks.data());
       }
     }
+    // Each thread collects from the key lists it scanned (still in its caches).
+    for (int64_t c = my_first_chunk; c < my_end_chunk; ++c) collect_bin(plans[chunks[c].layer], bases, chunks[c], level);
+#pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t c = 0; c < n_chunks; ++c) collect_bin(plans[chunks[c].layer], bases, chunks[c], level);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t l = 0; l < n_layers; ++l) settle_layer(plans[l], chunks.data());
+    for (int64_t l = 0; l < n_layers; ++l) settle_layer(plans[l], chunks.data(), level);
     for (int64_t c = my_first_chunk; c < my_end_chunk; ++c) {
       const int64_t l = chunks[c].layer;
       emit_chunk(chunks[c], plans[l], bases, layout.sections[l], layout.value_kind, message,
