@@ -20,6 +20,16 @@ prints one table per level. The CPU model and the levels measured head the outpu
     python benchmarks/bench_kernels.py --levels avx512 avx2 portable --json runs/kernels.json
     python benchmarks/bench_kernels.py --quantize --threads 2 --json runs/quantize_kernels.json
 
+Unpack also gets a roofline bound per case. An unpack must read the messages and read and
+write every output cache line an entry lands in, while the memcpy yardstick moves only the
+message bytes (read and written). So ``bound = 2 * message bytes / (message bytes + 2 * 64 *
+distinct output lines)``, the lines counted from the actual messages' indices, is the best
+unpack / memcpy ratio any unpack could reach if it ran at memcpy's bandwidth; the table reports
+the measured ratio as a fraction of it. A plain ``Tensor.index_add_`` of the same (already
+decoded) entries into the same buffer, timed alongside, is a second yardstick: what torch's own
+scatter costs without any decoding (it does not keep gcomp's summation order, so it is a speed
+reference only). ``--no-index-add`` skips it.
+
 ``--quantize`` measures the quantized message kernels instead (``gcomp.ops.quantize_pack`` and
 ``quantize_unpack_add_``; bits 1, 2, 4, 8, one scale per ``--chunk`` entries, round to nearest).
 There both directions are compared with a memcpy of the dense float32 buffer: pack reads it, and
@@ -46,6 +56,31 @@ FULL_SIZES = [1 << 20, 1 << 22, 1 << 24, 1 << 26]
 QUICK_SIZES = [1 << 20, 1 << 22]
 DENSITIES = [0.001, 0.01, 0.1]
 QUANTIZE_BITS = [1, 2, 4, 8]
+CACHE_LINE_BYTES = 64
+
+
+def unpack_roofline(messages: torch.Tensor, layer: tuple, out: torch.Tensor) -> dict:
+    """The least traffic an unpack of ``messages`` into ``out`` must move, and the best unpack /
+    memcpy ratio it allows.
+
+    An unpack reads every message byte and reads and writes each output cache line at least one
+    entry lands in (counted over all messages: a line shared by several messages can be fetched
+    once if they are added together). A memcpy of the messages moves 2 x their bytes. At equal
+    bandwidth the unpack can therefore run at most ``memcpy bytes / unpack bytes`` as fast."""
+    _, indices = reference.sparse_unpack(messages, *layer)
+    elements_per_line = CACHE_LINE_BYTES // out.element_size()
+    first_line = out.data_ptr() % CACHE_LINE_BYTES // out.element_size()  # out's offset into its first line
+    lines = torch.unique((indices.reshape(-1) + first_line) // elements_per_line).numel()
+    message_bytes = messages.numel()
+    unpack_bytes = message_bytes + 2 * CACHE_LINE_BYTES * lines
+    return {
+        "message_bytes": message_bytes,
+        "entries": indices.numel(),
+        "distinct_output_lines": lines,
+        "unpack_min_bytes": unpack_bytes,
+        "memcpy_bytes": 2 * message_bytes,
+        "bound_fraction_of_memcpy": 2 * message_bytes / unpack_bytes,
+    }
 
 
 def time_calls(functions: list[Callable[[], object]], repeats: int) -> list[dict[str, float]]:
@@ -111,9 +146,9 @@ def with_simd_level(level: str | None, fn: Callable[[], object]) -> Callable[[],
 
 
 def bench_case(numel: int, density: float, n_messages: int, repeats: int, twin_repeats: int, level: str | None = None,
-               twin: dict | None = None) -> dict:
-    """One case at one SIMD level (None: the default). ``twin``: the twin's timings from another
-    level's row of the same case, reused (the twin has no levels)."""
+               twin: dict | None = None, index_add: bool = True) -> dict:
+    """One case at one SIMD level (None: the default). ``twin``: the twin's timings (and the
+    index_add_ yardstick's) from another level's row of the same case, reused (neither has levels)."""
     generator = torch.Generator().manual_seed(0)
     buffer = torch.randn(numel, generator=generator)
     layer = ([0], [numel], [max(1, int(density * numel))], torch.float32)
@@ -136,11 +171,23 @@ def bench_case(numel: int, density: float, n_messages: int, repeats: int, twin_r
     timings = {}
     if twin is not None:
         timings["pack_twin"], timings["unpack_twin"] = twin["pack_twin"], twin["unpack_twin"]
+        row["unpack_roofline"] = twin["unpack_roofline"]
     else:
         timings["pack_twin"], timings["unpack_twin"] = time_calls(
             [lambda: reference.topk_pack(buffer, *layer),
              lambda: reference.sparse_unpack_add_(out, messages, *layer, 0.25)],
             twin_repeats,
+        )
+        row["unpack_roofline"] = unpack_roofline(messages, layer, out)
+    if index_add and twin is not None and "unpack_index_add" in twin:
+        timings["unpack_index_add"] = twin["unpack_index_add"]
+    elif index_add:
+        # torch's scatter of the same entries, decoded beforehand, alternating with the same memcpy.
+        entry_values, entry_indices = reference.sparse_unpack(messages, *layer)
+        entry_values, entry_indices = entry_values.reshape(-1), entry_indices.reshape(-1)
+        timings["unpack_index_add_memcpy"], timings["unpack_index_add"] = time_calls(
+            [lambda: message_copy.copy_(messages), lambda: out.index_add_(0, entry_indices, entry_values, alpha=0.25)],
+            repeats,
         )
     # Each native kernel alternates with its memcpy (the memcpy alone when the extension is absent).
     for op, memcpy, kernel in (
@@ -163,6 +210,13 @@ def bench_case(numel: int, density: float, n_messages: int, repeats: int, twin_r
         for op in ("pack", "unpack"):
             row[f"{op}_speedup_vs_twin"] = row[f"{op}_twin"]["best_ms"] / row[f"{op}_native"]["best_ms"]
             row[f"{op}_fraction_of_memcpy"] = row[f"{op}_memcpy"]["best_ms"] / row[f"{op}_native"]["best_ms"]
+        row["unpack_fraction_of_bound"] = (
+            row["unpack_fraction_of_memcpy"] / row["unpack_roofline"]["bound_fraction_of_memcpy"]
+        )
+    if "unpack_index_add" in row:
+        # Against the memcpy timed alongside it (or, when reused from another level's row, this row's).
+        memcpy = row.get("unpack_index_add_memcpy", row["unpack_memcpy"])
+        row["index_add_fraction_of_memcpy"] = memcpy["best_ms"] / row["unpack_index_add"]["best_ms"]
     return row
 
 
@@ -289,18 +343,25 @@ def main_quantize(args: argparse.Namespace, levels: list[str | None]) -> None:
             json.dump(report, handle, indent=2)
 
 
+def bound_cell(row: dict) -> str:
+    """The roofline bound on unpack / memcpy (see unpack_roofline)."""
+    return f"{100 * row['unpack_roofline']['bound_fraction_of_memcpy']:.1f}%" if "unpack_roofline" in row else "-"
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| elements | density | pack native GB/s | pack twin GB/s | memcpy GB/s | native/twin | native/memcpy "
-        "| unpack native GB/s | unpack twin GB/s | memcpy GB/s | native/twin | native/memcpy |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| unpack native GB/s | unpack twin GB/s | memcpy GB/s | native/twin | native/memcpy | bound | native/bound "
+        "| index_add_/memcpy |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
             f"| {row['numel'] / 2**20:g}M | {row['density']:g} | {cell(row, 'pack_native')} | {cell(row, 'pack_twin')} "
             f"| {cell(row, 'pack_memcpy')} | {ratio(row, 'pack_speedup_vs_twin')} | {percent(row, 'pack_fraction_of_memcpy')} "
             f"| {cell(row, 'unpack_native')} | {cell(row, 'unpack_twin')} | {cell(row, 'unpack_memcpy')} "
-            f"| {ratio(row, 'unpack_speedup_vs_twin')} | {percent(row, 'unpack_fraction_of_memcpy')} |"
+            f"| {ratio(row, 'unpack_speedup_vs_twin')} | {percent(row, 'unpack_fraction_of_memcpy')} | {bound_cell(row)} "
+            f"| {percent(row, 'unpack_fraction_of_bound')} | {percent(row, 'index_add_fraction_of_memcpy')} |"
         )
     return "\n".join(lines)
 
@@ -318,6 +379,10 @@ def main() -> None:
     parser.add_argument(
         "--levels", nargs="+", choices=["avx512", "avx2", "portable"], default=None,
         help="SIMD levels to measure, one table each (default: the level that runs without GCOMP_SIMD)",
+    )
+    parser.add_argument(
+        "--no-index-add", dest="index_add", action="store_false",
+        help="skip the Tensor.index_add_ yardstick of the unpack (timed once per case, with the first level)",
     )
     parser.add_argument("--quantize", action="store_true", help="measure the quantize kernels (bits 1, 2, 4, 8)")
     parser.add_argument("--chunk", type=int, default=256, help="entries per scale for --quantize")
@@ -340,8 +405,9 @@ def main() -> None:
             twin = None
             for level in levels:
                 row = bench_case(numel, density, args.messages, repeats=repeats, twin_repeats=1 if large else 5,
-                                 level=level, twin=twin)
-                twin = twin or {"pack_twin": row["pack_twin"], "unpack_twin": row["unpack_twin"]}
+                                 level=level, twin=twin, index_add=args.index_add)
+                twin = twin or {key: row[key] for key in ("pack_twin", "unpack_twin", "unpack_roofline", "unpack_index_add")
+                                if key in row}
                 rows.append(row)
     report = {
         "benchmark": "sparse top-k pack/unpack kernels",
@@ -354,6 +420,8 @@ def main() -> None:
         "cpu_model": model,
         "cpu_simd_flags": cpu_simd_flags(),
         "throughput_unit": "GB/s of input read (dense buffer for pack, gathered messages for unpack)",
+        "unpack_bound": "2 x message bytes / (message bytes + 2 x 64 x distinct output cache lines): the best "
+                        "unpack / memcpy ratio at memcpy's bandwidth",
         "results": rows,
     }
     for level in levels:
