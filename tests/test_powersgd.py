@@ -203,3 +203,33 @@ def test_float16_factor_overflow_skips_the_step_on_every_rank():
     for result in run_ranks(_float16_overflow_run, 2):
         assert result["finite"] == [True, False, True], result
         assert result["skipped"] == 1, result
+
+
+def _dense_layers_mid_run(rank: int, world_size: int) -> dict:
+    """Sending one matrix of a same-shape group dense mid-run (what the time-aware choice does)
+    shrinks the group: its workspaces must be rebuilt, not reused at the old size."""
+    ddp = DistributedDataParallel(make_mlp(depth=5), bucket_cap_mb=25)
+    state = gcomp.register(ddp, "powersgd", rank=2, warmup_steps=1)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    names = [name for name, param in ddp.module.named_parameters() if param.dim() == 2]
+    finite = []
+    for step in range(6):
+        if step == 3:
+            state.set_dense_layers([names[1]])
+        x, y = batch(rank, step)
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(ddp(x), y).backward()
+        finite.append(all(bool(torch.isfinite(p.grad).all()) for p in ddp.parameters()))
+        optimizer.step()
+    layers = state.stats()["layers"]
+    state.close()
+    return {"finite": finite, "dense_label": layers[names[1]]["setting"], "parameters": [p.detach().clone() for p in ddp.parameters()]}
+
+
+def test_sending_a_grouped_matrix_dense_mid_run_regroups_cleanly():
+    first, second = run_ranks(_dense_layers_mid_run, 2)
+    for result in (first, second):
+        assert all(result["finite"]), result["finite"]
+        assert "dense" in result["dense_label"], result["dense_label"]
+    for a, b in zip(first["parameters"], second["parameters"]):
+        assert torch.equal(a, b)

@@ -201,8 +201,13 @@ class PowerSGDState(HookState):
                 raise TypeError(f"layer_ranks keys must be parameter names (str); got {name!r}")
             _check_rank(f"layer_ranks[{name!r}]", rank)
         self.layer_ranks = dict(layer_ranks)
-        self._workspaces.clear()
         self.settings_changed()
+
+    def settings_changed(self) -> None:
+        """New per-layer settings (ranks, layers sent dense) regroup the matrices: a group's
+        workspaces no longer fit it."""
+        super().settings_changed()
+        self._workspaces.clear()
 
     def _workspace_tensors(self) -> list[torch.Tensor]:
         return [workspace for pool in self._workspaces.values() for workspace in pool]
@@ -261,10 +266,11 @@ class PowerSGDState(HookState):
             residual = self.store.peek(slot.name, "error")
             if residual is not None and residual._base is not None:
                 busy.add(id(residual._base))
+        shape = (len(group.layers), group.n, group.m)
         for workspace in pool:
-            if id(workspace) not in busy and workspace.device == like.device:
+            if id(workspace) not in busy and workspace.device == like.device and tuple(workspace.shape) == shape:
                 return workspace
-        workspace = like.new_empty((len(group.layers), group.n, group.m))
+        workspace = like.new_empty(shape)
         if len(pool) < 2:
             pool.append(workspace)
         return workspace
