@@ -176,8 +176,8 @@ def discover(
     if transport.world_size == 1:  # the same on every rank: nothing to agree on
         return None, "there is a single process"
     # Even with hierarchical=False: the option itself is compared in the rows.
-    mine = torch.tensor(local_placement(option, adaptive).encode(), dtype=torch.int64,
-                        device=transport.small_tensor_device(device))
+    where = transport.small_tensor_device(device)
+    mine = torch.tensor(local_placement(option, adaptive).encode(), device=where, dtype=torch.int64)
     gathered = transport.allgather(mine, traffic=None)
     rows = runtime.to_list(gathered.flatten())
     width = mine.numel()
