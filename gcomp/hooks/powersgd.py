@@ -384,8 +384,10 @@ class PowerSGDState(HookState):
             return self.worker.runtime.all_finite(message)
         if p_all.numel():
             p_all.copy_(self.codec_transport.allreduce_sum_(p_all.to(wire), self.traffic))
-        # An overflow on the wire (float16) shows up here as inf in the float32 copy.
-        return self.worker.runtime.all_finite(message) and self.worker.runtime.all_finite(p_all)
+        # An overflow on the wire (float16) shows up here as inf in the float32 copy. One host
+        # read for both sums: a float64 sum is finite iff every entry is.
+        health = message.sum(dtype=torch.float64) + p_all.sum(dtype=torch.float64)
+        return self.worker.runtime.all_finite(health.reshape(1))
 
     def _record_traffic(self, plan: PowerSGDPlan, bucket_element: int, element: int, factor_element: int) -> None:
         for slot in plan.dense:
