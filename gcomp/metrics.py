@@ -55,6 +55,7 @@ class TrafficStats:
     steps: int = 0
     compressed_steps: int = 0
     skipped_steps: int = 0  # steps whose gradients were non-finite (state left untouched)
+    model_group_steps: int = 0  # dense steps run as DDP's own allreduce, off the communication thread
     bytes_sent: int = 0
     bytes_received: int = 0
     bytes_uncompressed: int = 0
@@ -109,7 +110,7 @@ class TrafficStats:
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("steps", "compressed_steps", "skipped_steps", "bytes_sent", "bytes_received", "bytes_uncompressed", "collectives"):
+        for key in ("steps", "compressed_steps", "skipped_steps", "model_group_steps", "bytes_sent", "bytes_received", "bytes_uncompressed", "collectives"):
             setattr(self, key, int(state.get(key, 0)))
         self.links = {
             str(link): {key: int(counters.get(key, 0)) for key in ("bytes_sent", "bytes_received", "collectives")}

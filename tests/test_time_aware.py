@@ -240,6 +240,9 @@ def test_ranks_with_different_measurements_decide_alike():
         for one, other in zip(first[name]["params"], second[name]["params"]):
             assert torch.equal(one, other), name  # replicas stay in sync
     assert first["mixed"]["decision"]["choice"] == "allreduce" and first["mixed"]["active"] == "allreduce"
+    # Dense chosen at step D: from step D + 2 on, DDP's own allreduce (14 steps in all).
+    assert first["mixed"]["stats"]["model_group_steps"] == 14 - (first["mixed"]["decision"]["step"] + 2)
+    assert first["slow"]["stats"]["model_group_steps"] == 0
     assert first["mixed"]["decision"]["link"]["rate_bytes_per_s"] is None
     slow = first["slow"]["decision"]
     assert slow["choice"] in ("powersgd", "topk") and first["slow"]["active"] == slow["choice"]

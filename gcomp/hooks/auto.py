@@ -152,6 +152,14 @@ class AutoState(HookState):
                 if workspaces is not None:
                     workspaces.clear()
 
+    def dense_from_step(self) -> Optional[int]:
+        """Dense chosen at step D: DDP's own allreduce from step D + 2. Step D + 1's buckets queue
+        behind the decision on the communication thread, and DDP waits for them before step D + 2."""
+        decision = self.time_controller.decision if self.time_controller is not None else None
+        if self.active != "allreduce" or decision is None:
+            return None
+        return int(decision["step"]) + 2
+
     def reduce(self, buffer: torch.Tensor, layout: BucketLayout, step: int) -> torch.Tensor:
         return self.children[self.active].reduce(buffer, layout, step)
 

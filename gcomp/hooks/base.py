@@ -87,6 +87,7 @@ class HookState(ABC):
         self._config_verified = False
         self._plans: dict[int, Any] = {}  # bucket layout fingerprint -> the subclass's plan
         self._first_call = True
+        self._steps_in_process = 0  # sync steps handed over since this process started (autograd thread)
         # Optional plug-ins, both called on the communication thread: ``observer(name, shape,
         # tensor)`` sees each compressed layer's input to the compressor (for error profiling), and
         # ``controller.on_step_end(steps)`` runs after every completed step (adaptive settings).
@@ -133,6 +134,12 @@ class HookState(ABC):
         ``buffer.device`` only, and defer state updates with ``self.store.stage`` so they can be
         dropped if the step turns out non-finite.
         """
+
+    def dense_from_step(self) -> Optional[int]:
+        """The first sync step from which every bucket of this state is averaged plainly and the
+        communication thread has nothing left to issue, so those steps may run as DDP's own
+        allreduce (see :meth:`_runs_on_model_group`); None: not (yet) such a state."""
+        return None
 
     def decided_settings(self) -> dict[str, Any]:
         """Settings decided while training (the time-aware choice) that must agree on every rank
@@ -363,9 +370,14 @@ class HookState(ABC):
             if self.names.source == "none" and self.names.discover(self):
                 logger.info("gcomp: %s state found its DDP model; layers are named after its parameters", self.method)
         layout = self._layout_for(bucket)
-        step = self.lifecycle.begin_bucket(bucket.is_last())
         is_last = bucket.is_last()
+        steps_before = self._steps_in_process
+        step = self.lifecycle.begin_bucket(is_last)
+        if is_last:
+            self._steps_in_process += 1
         scale = self._requested_gradient_scale  # read here: every bucket of a backward sees the same
+        if self._runs_on_model_group(step, steps_before, layout):
+            return self._average_on_model_group(buffer, layout, step, is_last, scale)
         # When the time-aware choice measures this step: the moment backward handed the bucket over.
         timing = self.time_controller is not None and self.time_controller.wants_timing(step)
         submitted = self.worker.runtime.mark(buffer.device) if timing else None
@@ -384,16 +396,73 @@ class HookState(ABC):
         buckets to other states adds theirs)."""
         return [self.store]
 
-    def _reduce_job(
-        self, buffer: torch.Tensor, layout: BucketLayout, step: int, is_last: bool, scale: Optional[float],
-        submitted: Optional[Any] = None,
-    ) -> torch.Tensor:
-        started = self.worker.runtime.mark(buffer.device) if submitted is not None else None
+    def _runs_on_model_group(self, step: int, steps_before: int, layout: BucketLayout) -> bool:
+        """Whether this bucket skips the communication thread and is averaged the way DDP averages
+        without a hook: one asynchronous allreduce on the model's process group, issued here.
+
+        Only for a state that sends everything densely from a known step on (:meth:`dense_from_step`;
+        ``"allreduce"``, and ``"auto"`` once it chose dense), on the flat path, with no controller or
+        preconditioner, for a bucket layout every rank already proved it holds. Each condition is
+        the same on every rank at the same step: settings change only between steps, the layout
+        checks are collective, and the process-local step count is equal on every rank. The first
+        two steps of a process always take the thread: they prove the configuration and the bucket
+        layouts (DDP rebuilds its buckets after the first step). Nothing of this state is queued
+        then: a state's last thread job belongs to a step whose futures DDP has already waited for.
+        """
+        start = self.dense_from_step()
+        return (
+            start is not None
+            and step >= start
+            and steps_before >= 2
+            and self.node_groups is None
+            and self.controller is None
+            and self.preconditioner is None
+            and self._config_verified
+            and layout.fingerprint in self._verified_layouts
+        )
+
+    def _average_on_model_group(
+        self, buffer: torch.Tensor, layout: BucketLayout, step: int, is_last: bool, scale: Optional[float]
+    ) -> torch.futures.Future:
+        """DDP's own dense average (divide, then an asynchronous allreduce on the model's group, as
+        PyTorch's ``allreduce_hook``), with gcomp's byte accounting. No thread hand-over, no
+        process group of gcomp's: on a fast link this is what plain DDP costs. The bytes are counted
+        here (they are known in advance); ``seconds["collective"]`` does not include these steps."""
+        self._apply_gradient_scale(scale)
+        self.traffic.bytes_uncompressed += buffer.numel() * buffer.element_size()
+        self.record_dense_layers(layout, buffer, "dense")
+        if not self.lifecycle.in_warmup(step):
+            self.lifecycle.mark_compressed()
+        group = self.transport.model_group
+        buffer.div_(dist.get_world_size(group))
+        future = dist.all_reduce(buffer, group=group, async_op=True).get_future()
+        size = buffer.numel() * buffer.element_size()
+        self.traffic.record_collective(sent=size, received=size, link=self.transport.link)
+        self.traffic.model_group_steps += int(is_last)
+        if is_last:
+            self.lifecycle.finish(self._stores(), self.traffic)
+        return future.then(lambda done: _completed_buffer(done, buffer))
+
+    def record_dense_layers(self, layout: BucketLayout, buffer: torch.Tensor, label: str) -> None:
+        """Count every layer of ``layout`` as sent uncompressed in ``buffer``'s dtype."""
+        for slot in layout.layers:
+            nbytes = slot.numel * buffer.element_size()
+            self.traffic.record_layer(slot.name, slot.shape, label, nbytes, nbytes)
+
+    def _apply_gradient_scale(self, scale: Optional[float]) -> None:
+        """Bring the stored gradient-valued tensors to the loss scale of the gradients at hand."""
         if scale is not None and scale != self._gradient_scale:
             if self._gradient_scale is not None:
                 for store in self._stores():
                     store.rescale_gradient_valued(scale / self._gradient_scale)
             self._gradient_scale = scale
+
+    def _reduce_job(
+        self, buffer: torch.Tensor, layout: BucketLayout, step: int, is_last: bool, scale: Optional[float],
+        submitted: Optional[Any] = None,
+    ) -> torch.Tensor:
+        started = self.worker.runtime.mark(buffer.device) if submitted is not None else None
+        self._apply_gradient_scale(scale)
         if not self._config_verified:
             self._verify_config(buffer.device)
         fingerprint = layout.fingerprint
@@ -428,9 +497,7 @@ class HookState(ABC):
     def _average(self, buffer: torch.Tensor, layout: BucketLayout, step: int) -> torch.Tensor:
         """Average ``buffer`` over :attr:`codec_transport`: densely during warm-up, else with the codec."""
         if self.lifecycle.in_warmup(step):
-            for slot in layout.layers:
-                nbytes = slot.numel * buffer.element_size()
-                self.traffic.record_layer(slot.name, slot.shape, "dense (warm-up)", nbytes, nbytes)
+            self.record_dense_layers(layout, buffer, "dense (warm-up)")
             result = self.dense_average_(buffer)
             if self.preconditioner is not None and not self.worker.runtime.all_finite(result):
                 self.skip_step(result, layout, step)  # the moments staged this step are dropped
@@ -511,6 +578,12 @@ class HookState(ABC):
             known = list(self.names.known)
             shown = ", ".join(known[:20]) + (f", ... ({len(known)} in all)" if len(known) > 20 else "")
             raise ValueError(f"gcomp: per-layer overrides name unknown layers {unknown}; known layers: {shown}")
+
+
+def _completed_buffer(done: torch.futures.Future, buffer: torch.Tensor) -> torch.Tensor:
+    """The averaged bucket once its in-place allreduce finished (``value()`` raises its error)."""
+    done.value()
+    return buffer
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -22,10 +22,11 @@ class AllreduceState(HookState):
 
     method = "allreduce"
 
+    def dense_from_step(self) -> Optional[int]:
+        return 0  # after the first two steps' checks, DDP's own allreduce (HookState._runs_on_model_group)
+
     def reduce(self, buffer: torch.Tensor, layout: BucketLayout, step: int) -> torch.Tensor:
-        for slot in layout.layers:
-            nbytes = slot.numel * buffer.element_size()
-            self.traffic.record_layer(slot.name, slot.shape, "dense", nbytes, nbytes)
+        self.record_dense_layers(layout, buffer, "dense")
         return self.dense_average_(buffer)
 
 
