@@ -48,8 +48,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="powersgd", choices=sorted(gcomp.METHODS) + list(TORCH_METHODS))
     parser.add_argument("--rank", type=int, default=4, help="PowerSGD rank")
-    parser.add_argument("--factor-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                        help="PowerSGD: dtype of P and Q on the wire (half precision: half the bytes)")
+    parser.add_argument("--factor-dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="PowerSGD: dtype of P and Q on the wire (half precision: half the bytes); "
+                             "default float32 for powersgd, bfloat16 for auto's PowerSGD")
     parser.add_argument("--density", type=float, default=0.01, help="top-k: fraction of each layer's entries sent")
     parser.add_argument("--topk-exchange", default="allgather", choices=("allgather", "shared_indices"),
                         help="top-k: allgather each rank's own top-k, or shared_indices (a cyclic leader's indices, "
@@ -144,7 +145,7 @@ def register_method(ddp: DistributedDataParallel, args: argparse.Namespace):
         return None
     options: dict = {}
     if args.method == "powersgd":
-        options = {"rank": args.rank, "warmup_steps": args.warmup_steps, "seed": args.seed, "factor_dtype": args.factor_dtype}
+        options = {"rank": args.rank, "warmup_steps": args.warmup_steps, "seed": args.seed, "factor_dtype": args.factor_dtype or "float32"}
     elif args.method == "topk":
         options = {"density": args.density, "eta": args.eta, "momentum": args.feedback_momentum, "warmup_steps": args.warmup_steps,
                    "exchange": args.topk_exchange}
@@ -158,6 +159,8 @@ def register_method(ddp: DistributedDataParallel, args: argparse.Namespace):
                    "powersgd_options": {"seed": args.seed}, "topk_options": {"eta": args.eta, "momentum": args.feedback_momentum}}
         if args.feedback is not None:
             options["topk_options"]["feedback"] = args.feedback
+        if args.factor_dtype is not None:
+            options["powersgd_options"]["factor_dtype"] = args.factor_dtype
     options["hierarchical"] = {"auto": "auto", "on": True, "off": False}[args.hierarchical]
     if args.method in ("topk", "quantize") and args.feedback is not None:
         options["feedback"] = args.feedback

@@ -18,7 +18,8 @@ The schedule, run by :class:`gcomp.adaptive.timeaware.TimeAwareController`:
 The active candidate and every candidate's per-layer state and dense layers are in
 ``state_dict()``, so a resumed run continues bit for bit. Candidates' options:
 ``powersgd_options`` / ``topk_options`` / ``quantize_options`` (keyword arguments of their state
-classes), with ``rank`` and ``density`` as shortcuts.
+classes), with ``rank`` and ``density`` as shortcuts. PowerSGD's candidate sends its factors in
+bfloat16 by default (``powersgd_options={"factor_dtype": "float32"}`` for PyTorch's format).
 
 Example::
 
@@ -94,6 +95,10 @@ class AutoState(HookState):
             "topk": dict(topk_options or {}),
             "quantize": dict(quantize_options or {}),
         }
+        # The choice is made for speed: PowerSGD's factors travel in bfloat16 unless told otherwise
+        # (RESULTS §16/16b: 0.56x the bytes of float32 factors, the fastest PowerSGD at 100 Mbit/s
+        # and 1 Gbit/s, validation loss -0.13 % / +0.26 % against float32 factors).
+        options["powersgd"].setdefault("factor_dtype", "bfloat16")
         if rank is not None:
             options["powersgd"]["rank"] = rank
         if density is not None:
