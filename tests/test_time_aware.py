@@ -121,6 +121,13 @@ def test_describe_bucket_matches_the_hook_plans():
     powersgd = describe_bucket(gcomp.PowerSGDState(rank=2), layout)
     assert [(l.name, l.compressible, l.first_bytes, l.second_bytes) for l in powersgd.layers] == [
         ("w", True, 64 * 2 * 4, 32 * 2 * 4), ("b", False, 0, 0)]
+    # bfloat16 factors: half the factor bytes, P in an allreduce of its own (as the hook sends them).
+    narrow = describe_bucket(gcomp.PowerSGDState(rank=2, factor_dtype="bfloat16"), layout)
+    assert narrow.collectives(frozenset()) == [("allreduce", 64 * 4), ("allreduce", 64 * 2 * 2), ("allreduce", 32 * 2 * 2)]
+    assert narrow.collectives({"w"}) == [("allreduce", (64 * 32 + 64) * 4)]
+    only_matrix = BucketLayout(length=64 * 32, dtype=torch.float32, layers=(LayerSlot("w", 0, 64 * 32, (64, 32)),))
+    assert describe_bucket(gcomp.PowerSGDState(rank=2, factor_dtype="bfloat16"), only_matrix).collectives(frozenset()) == [
+        ("allreduce", 64 * 2 * 2), ("allreduce", 32 * 2 * 2)]  # no dense leftovers: no dense allreduce
     state = gcomp.TopKState(density=0.05)
     topk = describe_bucket(state, layout)
     plan = state._build_plan(layout)

@@ -68,8 +68,9 @@ class LayerCost:
     """What one layer adds to its bucket's collectives, dense or compressed.
 
     ``first_bytes`` go into the bucket's first collective (always an allreduce, also carrying the
-    dense layers), ``second_bytes`` into its second one, issued only when some layer of the
-    bucket is compressed (PowerSGD: P, then Q; top-k and quantize: nothing, then the message).
+    dense layers, unless the bucket sends them apart), ``second_bytes`` into its second one,
+    issued only when some layer of the bucket is compressed (PowerSGD: P, then Q; top-k and
+    quantize: nothing, then the message).
     """
 
     name: str
@@ -83,25 +84,33 @@ class LayerCost:
 @dataclass(frozen=True)
 class BucketCost:
     """One bucket under one method: its layers, the bytes its first allreduce always carries
-    beyond them (a health flag), and the kind of its second collective."""
+    beyond them (a health flag), the kind of its second collective, and whether the compressed
+    layers' first bytes travel in an allreduce of their own (``first_apart``: PowerSGD's P in a
+    narrower dtype than the dense layers; the dense allreduce is then skipped when empty)."""
 
     layers: tuple[LayerCost, ...]
     first_extra_bytes: int = 0
     second: str = "allreduce"
+    first_apart: bool = False
 
     def collectives(self, dense: AbstractSet[str]) -> list[tuple[str, int]]:
         """The bucket's collectives (kind, bytes per rank) when the layers in ``dense`` (and those
         the method cannot compress) are sent dense and the others compressed."""
-        first, second, compressed = self.first_extra_bytes, 0, False
+        first, apart, second, compressed = self.first_extra_bytes, 0, 0, False
         for layer in self.layers:
             if layer.compressible and layer.name not in dense:
-                first += layer.first_bytes
+                if self.first_apart:
+                    apart += layer.first_bytes
+                else:
+                    first += layer.first_bytes
                 second += layer.second_bytes
                 compressed = True
             else:
                 first += layer.dense_bytes
-        out = [("allreduce", first)]
+        out = [("allreduce", first)] if first or not (compressed and self.first_apart) else []
         if compressed:
+            if self.first_apart:
+                out.append(("allreduce", apart))
             out.append((self.second, second))
         return out
 

@@ -98,16 +98,18 @@ def describe_bucket(state: HookState, layout: BucketLayout) -> BucketCost:
     in the hook)."""
     if isinstance(state, PowerSGDState):
         element = 8 if layout.dtype == torch.float64 else 4  # PowerSGD's messages are float32/64
+        # With a half-precision factor_dtype, P and Q travel in it and P in an allreduce of its own.
+        factor = element if state.factor_dtype is None else torch.finfo(state.factor_dtype).bits // 8
         plan = state._build_plan(layout, dense_layers=frozenset())
         compressed = {slot.name: (group.n * group.rank, group.m * group.rank) for group in plan.groups for slot in group.layers}
         layers = []
         for slot in layout.layers:
             if slot.name in compressed:
                 p, q = compressed[slot.name]
-                layers.append(LayerCost(slot.name, slot.numel, slot.numel * element, True, p * element, q * element))
+                layers.append(LayerCost(slot.name, slot.numel, slot.numel * element, True, p * factor, q * factor))
             else:
                 layers.append(LayerCost(slot.name, slot.numel, slot.numel * element))
-        return BucketCost(tuple(layers), second="allreduce")
+        return BucketCost(tuple(layers), second="allreduce", first_apart=state.factor_dtype is not None)
     if isinstance(state, MessageState):
         element = _element(layout)
         plan = state._build_plan(layout, dense_layers=frozenset())
