@@ -73,6 +73,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapt-alpha", type=float, default=1.0, help="error budget relative to the uniform setting")
     parser.add_argument("--adapt-error-measure", default=None, choices=("absolute", "relative"),
                         help="L-GreCo error of a layer: absolute ||x - C(x)|| or relative to ||x|| (default: AdaptiveConfig's)")
+    parser.add_argument("--adapt-max-ladder-steps", type=int, default=None,
+                        help="damping: a decision moves each layer at most this many places along its candidate list")
     parser.add_argument("--adapt-log", default=None, help="append every adaptive decision to this JSON-lines file")
     parser.add_argument("--adapt-rank-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("LOW", "HIGH"),
                         help="PowerSGD candidate ranks: from LOW*rank to HIGH*rank")
@@ -175,6 +177,7 @@ def register_method(ddp: DistributedDataParallel, args: argparse.Namespace):
             density_factors=tuple(args.adapt_density_factors),
             bit_widths=tuple(args.adapt_bit_widths),
             log_path=args.adapt_log,
+            max_ladder_steps=args.adapt_max_ladder_steps,
             **({"error_measure": args.adapt_error_measure} if args.adapt_error_measure else {}),
         )
     if args.precondition:

@@ -1,4 +1,5 @@
 """The adaptive (L-GreCo) controller inside real DDP runs on 2 gloo ranks."""
+import math
 import os
 
 import pytest
@@ -119,9 +120,48 @@ def test_resume_keeps_decisions_and_schedule(tmp_path):
             assert checks["equal"] and checks["same_history"] and checks["decisions"] == 3, (name, checks)
 
 
+def _damped(rank, world_size):
+    method, options = POWERSGD
+    # A looser budget than uniform (alpha 1.5): undamped, layers drop several ranks at once.
+    wide = {"every_steps": 4, "accumulate_steps": 2, "rank_range": (0.25, 4.0), "alpha": 1.5}
+    return {
+        "free": _run(rank, method, options, gcomp.AdaptiveConfig(**wide), 14)["history"],
+        "damped": _run(rank, method, options, gcomp.AdaptiveConfig(**wide, max_ladder_steps=1), 14)["history"],
+    }
+
+
+def test_damping_moves_each_layer_one_candidate_per_decision():
+    """Width 64 and ranks 1..16: every layer's candidates are consecutive ranks, so one place on
+    the ladder is a rank change of 1. Without damping the first decision jumps further."""
+
+    def largest_move(history):
+        moves, previous = [], None
+        for record in history:
+            ranks = record["choices"]
+            start = previous if previous is not None else {name: record["uniform"] for name in ranks}
+            moves.extend(abs(ranks[name] - start[name]) for name in ranks)
+            previous = ranks
+        return max(moves)
+
+    result = run_ranks(_damped, 2, timeout=180)[0]
+    assert len(result["damped"]) == 3 and len(result["free"]) == 3
+    assert largest_move(result["free"]) > 1
+    assert largest_move(result["damped"]) == 1
+    for record in result["damped"]:
+        assert record["predicted_error"] <= record["error_budget"] * (1 + 1e-12) or record["used_fallback"]
+
+
+def test_damp_row_keeps_the_neighbours_only():
+    from gcomp.adaptive.controller import damp_row
+
+    assert damp_row([5.0, 4.0, 3.0, 2.0, 1.0], 2, 1) == [math.inf, 4.0, 3.0, 2.0, math.inf]
+    assert damp_row([5.0, 4.0, 3.0], 0, 2) == [5.0, 4.0, 3.0]
+
+
 @pytest.mark.parametrize(
     "arguments",
-    [{"every_steps": 0}, {"every_steps": 5, "accumulate_steps": 6}, {"alpha": 0}, {"alpha": float("nan")}, {"density_factors": ()}, {"resolution": 0}],
+    [{"every_steps": 0}, {"every_steps": 5, "accumulate_steps": 6}, {"alpha": 0}, {"alpha": float("nan")}, {"density_factors": ()}, {"resolution": 0},
+     {"max_ladder_steps": 0}, {"max_ladder_steps": 1.5}],
 )
 def test_invalid_adaptive_config(arguments):
     with pytest.raises(ValueError):

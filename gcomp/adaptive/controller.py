@@ -69,6 +69,11 @@ class AdaptiveConfig:
     # layer with small gradients weighs as much as one with large ones (what an optimizer that
     # normalises each coordinate, such as AdamW, sees).
     error_measure: str = "absolute"
+    # Damping: a decision moves each layer at most this many places along its sorted candidate
+    # list (its "ladder") from the setting it has, e.g. 1: rank 4 -> 3, 4 or 5 only. A decision
+    # taken on one profiling window then cannot throw a layer from one end of the range to the
+    # other; several decisions in a row still reach any candidate. None: no limit (the paper).
+    max_ladder_steps: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.every_steps is not None and (isinstance(self.every_steps, bool) or not isinstance(self.every_steps, int) or self.every_steps < 1):
@@ -89,6 +94,10 @@ class AdaptiveConfig:
             raise ValueError(f"resolution must be an integer >= 1; got {self.resolution!r}")
         if self.error_measure not in ERROR_MEASURES:
             raise ValueError(f"error_measure must be one of {list(ERROR_MEASURES)}; got {self.error_measure!r}")
+        if self.max_ladder_steps is not None and (
+            isinstance(self.max_ladder_steps, bool) or not isinstance(self.max_ladder_steps, int) or self.max_ladder_steps < 1
+        ):
+            raise ValueError(f"max_ladder_steps must be an integer >= 1 or None; got {self.max_ladder_steps!r}")
 
 
 class AdaptiveController:
@@ -217,6 +226,9 @@ class AdaptiveController:
         unusable = sorted(name for name, row in zip(names, errors) if not all(math.isfinite(e) for e in row))
         if unusable:
             logger.warning("gcomp adaptive: non-finite compression errors for %s; those layers keep their setting where needed", unusable)
+        if self.config.max_ladder_steps is not None:
+            # The budget stays that of the uniform setting; only the reachable candidates change.
+            errors = [damp_row(row, index, self.config.max_ladder_steps) for row, index in zip(errors, previous)]
         solution = solve(sizes, errors, budget, previous, resolution=self.config.resolution)
         choices = {name: options[choice] for name, options, choice in zip(names, candidates, solution.choices)}
         # Identical tables give identical choices; proven before the choice changes any
@@ -309,6 +321,12 @@ class AdaptiveController:
         self.history = list(saved["history"])
         self._compressed_seen = self.state.traffic.compressed_steps
         self._update_observer(self.state.traffic.compressed_steps)
+
+
+def damp_row(errors: list[float], current: int, max_ladder_steps: int) -> list[float]:
+    """One layer's error row with every candidate more than ``max_ladder_steps`` places away from
+    index ``current`` marked unusable (infinite error: the solver skips it)."""
+    return [error if abs(index - current) <= max_ladder_steps else math.inf for index, error in enumerate(errors)]
 
 
 def _closest(options: list[float], value: float) -> float:
