@@ -52,6 +52,13 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="PowerSGD: dtype of P and Q on the wire (half precision: half the bytes); "
                              "default float32 for powersgd, bfloat16 for auto's PowerSGD")
     parser.add_argument("--density", type=float, default=0.01, help="top-k: fraction of each layer's entries sent")
+    parser.add_argument("--value-dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="top-k (and auto's top-k candidate): dtype of the sent values on the wire (half precision: "
+                             "half the value bytes, the rounding error is fed back); default: the method's own, float32")
+    parser.add_argument("--dense-vectors", action="store_true",
+                        help="top-k: send every parameter with fewer than two dimensions (biases, norm gains) uncompressed "
+                             "(per-layer density 1); they are a small share of the bytes but at 1-2%% density "
+                             "only 1-3 of their entries would move per step")
     parser.add_argument("--topk-exchange", default="allgather", choices=("allgather", "shared_indices"),
                         help="top-k: allgather each rank's own top-k, or shared_indices (a cyclic leader's indices, "
                              "values summed: bytes per rank independent of the world size)")
@@ -151,6 +158,12 @@ def register_method(ddp: DistributedDataParallel, args: argparse.Namespace):
     elif args.method == "topk":
         options = {"density": args.density, "eta": args.eta, "momentum": args.feedback_momentum, "warmup_steps": args.warmup_steps,
                    "exchange": args.topk_exchange}
+        if args.value_dtype is not None:
+            options["value_dtype"] = args.value_dtype
+        if args.dense_vectors:
+            if args.adaptive:
+                raise ValueError("--dense-vectors fixes per-layer densities, which --adaptive re-chooses; use one of them")
+            options["layer_densities"] = {name: 1.0 for name, parameter in ddp.module.named_parameters() if parameter.dim() < 2}
     elif args.method == "quantize":
         options = {"bits": args.bits, "rounding": args.rounding, "eta": args.eta, "momentum": args.feedback_momentum,
                    "warmup_steps": args.warmup_steps}
@@ -161,6 +174,8 @@ def register_method(ddp: DistributedDataParallel, args: argparse.Namespace):
                    "powersgd_options": {"seed": args.seed}, "topk_options": {"eta": args.eta, "momentum": args.feedback_momentum}}
         if args.feedback is not None:
             options["topk_options"]["feedback"] = args.feedback
+        if args.value_dtype is not None:
+            options["topk_options"]["value_dtype"] = args.value_dtype
         if args.factor_dtype is not None:
             options["powersgd_options"]["factor_dtype"] = args.factor_dtype
     options["hierarchical"] = {"auto": "auto", "on": True, "off": False}[args.hierarchical]
@@ -180,6 +195,8 @@ def register_method(ddp: DistributedDataParallel, args: argparse.Namespace):
             max_ladder_steps=args.adapt_max_ladder_steps,
             **({"error_measure": args.adapt_error_measure} if args.adapt_error_measure else {}),
         )
+    if args.dense_vectors and args.method != "topk":
+        raise ValueError("--dense-vectors applies to --method topk only")
     if args.precondition:
         options["precondition"] = "adamw"
     return gcomp.register(ddp, args.method, **options)

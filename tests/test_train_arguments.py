@@ -1,0 +1,70 @@
+"""launch/train.py turns its command-line options into the right gcomp.register keywords.
+
+The options are checked where they leave train.py (the call to ``gcomp.register``), so no process
+group or model is needed; the states themselves are tested elsewhere.
+"""
+import os
+import sys
+import types
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "launch"))
+
+import train  # noqa: E402
+
+
+def registered_options(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> dict:
+    """The keyword arguments train.py hands to gcomp.register for ``argv`` (for a tiny CharLM)."""
+    captured: dict = {}
+
+    def fake_register(ddp, method, **options):
+        captured.update(method=method, **options)
+        return None
+
+    monkeypatch.setattr(train.gcomp, "register", fake_register)
+    ddp_stand_in = types.SimpleNamespace(module=train.CharLM(train.CharLMConfig.preset("tiny")))
+    train.register_method(ddp_stand_in, train.parse_arguments(argv))
+    return captured
+
+
+@pytest.mark.parametrize("value_dtype", ["float32", "bfloat16", "float16"])
+def test_topk_value_dtype_reaches_the_state(monkeypatch, value_dtype):
+    options = registered_options(monkeypatch, ["--method", "topk", "--value-dtype", value_dtype])
+    assert options["method"] == "topk" and options["value_dtype"] == value_dtype
+
+
+def test_auto_passes_value_dtype_to_its_topk_candidate(monkeypatch):
+    options = registered_options(monkeypatch, ["--method", "auto", "--value-dtype", "bfloat16"])
+    assert options["topk_options"]["value_dtype"] == "bfloat16"
+
+
+def test_value_dtype_default_leaves_the_method_default(monkeypatch):
+    assert "value_dtype" not in registered_options(monkeypatch, ["--method", "topk"])
+    assert "value_dtype" not in registered_options(monkeypatch, ["--method", "auto"])["topk_options"]
+
+
+def test_unknown_value_dtype_is_refused():
+    with pytest.raises(SystemExit):
+        train.parse_arguments(["--method", "topk", "--value-dtype", "int8"])
+
+
+def test_dense_vectors_sends_every_one_dimensional_parameter_dense(monkeypatch):
+    model = train.CharLM(train.CharLMConfig.preset("tiny"))
+    vectors = {name for name, parameter in model.named_parameters() if parameter.dim() < 2}
+    matrices = {name for name, parameter in model.named_parameters() if parameter.dim() >= 2}
+    assert vectors and matrices
+    options = registered_options(monkeypatch, ["--method", "topk", "--density", "0.02", "--dense-vectors"])
+    assert options["layer_densities"] == {name: 1.0 for name in vectors}
+    assert options["density"] == 0.02
+    assert "layer_densities" not in registered_options(monkeypatch, ["--method", "topk"])
+
+
+@pytest.mark.parametrize("argv", [
+    ["--method", "topk", "--dense-vectors", "--adaptive"],
+    ["--method", "quantize", "--dense-vectors"],
+])
+def test_dense_vectors_is_refused_where_it_cannot_apply(monkeypatch, argv):
+    with pytest.raises(ValueError, match="--dense-vectors"):
+        registered_options(monkeypatch, argv)
