@@ -438,8 +438,8 @@ class HookState(ABC):
         future = dist.all_reduce(buffer, group=group, async_op=True).get_future()
         size = buffer.numel() * buffer.element_size()
         self.traffic.record_collective(sent=size, received=size, link=self.transport.link)
-        self.traffic.model_group_steps += int(is_last)
         if is_last:
+            self.traffic.model_group_steps += 1
             self.lifecycle.finish(self._stores(), self.traffic)
         return future.then(lambda done: _completed_buffer(done, buffer))
 
