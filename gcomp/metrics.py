@@ -102,6 +102,9 @@ class TrafficStats:
         out = asdict(self)
         # None, not 1.0, when nothing was reduced: "no step ran" must not read as "no compression".
         out["compression_ratio"] = self.bytes_uncompressed / self.bytes_sent if self.bytes_sent else None
+        # Steps that sent every layer dense (warm-up, EF21's dense start, a dense choice of "auto"):
+        # each costs as much as a step of plain DDP, so a few of them weigh on the whole run's ratio.
+        out["dense_steps"] = self.steps - self.compressed_steps
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -42,7 +42,7 @@ logger = logging.getLogger("gcomp.observe")
 
 T = TypeVar("T")
 
-TOTALS = ("bytes_sent", "bytes_received", "bytes_uncompressed", "compression_ratio", "steps", "compressed_steps", "skipped_steps")
+TOTALS = ("bytes_sent", "bytes_received", "bytes_uncompressed", "compression_ratio", "steps", "compressed_steps", "dense_steps", "skipped_steps")
 """Keys of ``state.stats()`` written as ``gcomp/<key>`` when present."""
 
 ADAPTIVE_KEYS = ("predicted_bytes", "uniform_bytes", "predicted_error", "error_budget", "measured_bytes_per_step_since_last", "used_fallback")

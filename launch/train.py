@@ -64,7 +64,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                              "values summed: bytes per rank independent of the world size)")
     parser.add_argument("--feedback", default=None,
                         help="top-k / quantize error feedback: ef14, ef21, ef21-sgdm or econtrol "
-                             "(default: the method's own, ef21 for topk, ef14 for quantize)")
+                             "(default: the method's own, ef14)")
     parser.add_argument("--bits", type=int, default=4, help="quantize: bits per entry (1, 2, 4, 8; 32 = raw float32)")
     parser.add_argument("--quantize-chunk", type=int, default=None, help="quantize: entries per scale (default: the method's)")
     parser.add_argument("--rounding", default="nearest", choices=("nearest", "stochastic"), help="quantize: rounding of the codes")
@@ -82,6 +82,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="L-GreCo error of a layer: absolute ||x - C(x)|| or relative to ||x|| (default: AdaptiveConfig's)")
     parser.add_argument("--adapt-max-ladder-steps", type=int, default=None,
                         help="damping: a decision moves each layer at most this many places along its candidate list")
+    parser.add_argument("--adapt-policy", default="lgreco", choices=("lgreco", "accordion"),
+                        help="lgreco: the dynamic program; accordion: uniform setting for layers in a critical regime, "
+                             "the most compressed candidate for the others")
+    parser.add_argument("--adapt-critical-threshold", type=float, default=0.5,
+                        help="accordion: relative change of a layer's gradient norm that marks a critical regime")
     parser.add_argument("--adapt-log", default=None, help="append every adaptive decision to this JSON-lines file")
     parser.add_argument("--adapt-rank-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("LOW", "HIGH"),
                         help="PowerSGD candidate ranks: from LOW*rank to HIGH*rank")
@@ -193,6 +198,8 @@ def register_method(ddp: DistributedDataParallel, args: argparse.Namespace):
             bit_widths=tuple(args.adapt_bit_widths),
             log_path=args.adapt_log,
             max_ladder_steps=args.adapt_max_ladder_steps,
+            policy=args.adapt_policy,
+            critical_threshold=args.adapt_critical_threshold,
             **({"error_measure": args.adapt_error_measure} if args.adapt_error_measure else {}),
         )
     if args.dense_vectors and args.method != "topk":

@@ -173,3 +173,49 @@ def test_adaptive_needs_a_compressing_method():
         gcomp.AdaptiveController(gcomp.AllreduceState())
     with pytest.raises(ValueError, match="rank_range|candidate range"):
         gcomp.AdaptiveController(gcomp.PowerSGDState(), gcomp.AdaptiveConfig(rank_range=(2.0, 3.0)))
+
+
+ACCORDION = gcomp.AdaptiveConfig(every_steps=6, accumulate_steps=3, rank_range=(0.25, 1.0), policy="accordion")
+
+
+def _accordion(rank, world_size, directory):
+    method, options = POWERSGD
+    default = _run(rank, method, options, ACCORDION, 20)
+    resumed = _run(rank, method, options, ACCORDION, 20, resume_dir=directory, split=10)
+    never_critical = _run(rank, method, options, gcomp.AdaptiveConfig(**{**ACCORDION.__dict__, "critical_threshold": 1e9}), 20)
+    always_critical = _run(rank, method, options, gcomp.AdaptiveConfig(**{**ACCORDION.__dict__, "critical_threshold": 1e-12}), 20)
+    uniform = _run(rank, method, options, False, 20)
+    decisions = lambda run: [{k: v for k, v in r.items() if k not in ("measured_bytes_per_step_since_last", "seconds")} for r in run["history"]]  # noqa: E731
+    return {
+        "history": decisions(default),
+        "resume_equal": all(torch.equal(a, b) for a, b in zip(default["params"], resumed["params"])) and decisions(default) == decisions(resumed),
+        "never_critical": never_critical["history"],
+        "always_critical_equals_uniform": all(torch.equal(a, b) for a, b in zip(always_critical["params"], uniform["params"])),
+        "bytes": {"never_critical": never_critical["bytes_sent"], "uniform": uniform["bytes_sent"]},
+    }
+
+
+def test_accordion_switches_layers_between_the_uniform_rank_and_the_lowest(tmp_path):
+    """Accordion (the L-GreCo paper's baseline): a layer whose summed gradient norm moved by at
+    least the threshold since the last decision keeps the uniform rank, the others drop to the
+    lowest candidate; every rank decides alike, and a resume continues bit for bit."""
+    first, second = run_ranks(_accordion, 2, str(tmp_path), timeout=300)
+    assert first["history"] == second["history"] and len(first["history"]) == 3
+    assert set(first["history"][0]["choices"].values()) == {4}  # the first decision: every layer critical
+    for record in first["history"]:
+        assert record["policy"] == "accordion"
+        for name, rank in record["choices"].items():
+            assert rank == (4 if name in record["critical_layers"] else 1), (name, rank, record["critical_layers"])
+    for result in (first, second):
+        assert result["resume_equal"]
+        assert result["always_critical_equals_uniform"]
+        later = result["never_critical"][1:]
+        assert later and all(set(record["choices"].values()) == {1} for record in later)
+        assert result["bytes"]["never_critical"] < result["bytes"]["uniform"]
+
+
+def test_accordion_settings_are_checked():
+    with pytest.raises(ValueError, match="policy"):
+        gcomp.AdaptiveConfig(policy="greedy")
+    with pytest.raises(ValueError, match="critical_threshold"):
+        gcomp.AdaptiveConfig(policy="accordion", critical_threshold=0.0)

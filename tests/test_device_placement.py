@@ -158,7 +158,7 @@ def test_hook_path_keeps_every_tensor_on_the_bucket_device(fake_process_group, m
     steps = 10 if warmup > 1 else 5  # the time-aware choice: warm-up, trial steps, then its decision
     state, runtime = _drive(method, options, dtype, steps)
     stats = state.stats()
-    assert stats["steps"] == steps and stats["compressed_steps"] == steps - warmup
+    assert stats["steps"] == steps and stats["compressed_steps"] == steps - warmup and stats["dense_steps"] == warmup
     assert runtime.host_reads > 0  # the seam was used: every host read went through it
     if method in ("powersgd", "topk", "quantize") and state.time_controller is None:
         assert state.layer_state, "compressed steps left state"

@@ -154,6 +154,21 @@ def test_native_equals_twin_bitwise(level, bucket, n_messages, weight, two_d):
         assert same_bits(got_out, expected_out), torch.nonzero(got_out.view(torch.int32) != expected_out.view(torch.int32))[:8].flatten().tolist()
 
 
+@pytest.mark.parametrize("level", simd_level_params())
+@pytest.mark.parametrize("chunk", [512, 4096, 8192])
+def test_sign_sums_beyond_32_bits_at_every_level(level, chunk):
+    """1 bit: every entry of a chunk at its maximum adds 2^24, so a chunk of 4096 sums to 2^36; the
+    vector kernels keep per-lane int32 sums and must fold them into 64 bits before they overflow."""
+    numel = 3 * chunk + 100
+    x = torch.where(torch.arange(numel) % 3 == 0, -1.0, 1.0)
+    x[chunk + 5] = 0.75  # one chunk not all at its maximum
+    with forced_simd(level):
+        expected = reference.quantize_pack(x, [0], [numel], 1, chunk)
+        got = native_pack(x, [0], [numel], 1, chunk)
+    assert torch.equal(got, expected)
+    assert expected[:4].view(torch.float32).item() == 1.0  # the scale: mean |x| of an all-ones chunk
+
+
 @requires_native
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("chunk", [8, 24, 256, 4096])

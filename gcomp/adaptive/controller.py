@@ -15,6 +15,12 @@ One decision, on every rank alike:
    of its warm-start factors; error buffers are kept) and logged with its predicted and, at the
    next decision, measured bytes.
 
+``AdaptiveConfig(policy="accordion")`` replaces steps 2-3 with Accordion's rule (Agarwal et al.,
+MLSys 2021), the baseline the L-GreCo paper compares with: a layer whose summed gradient norm
+changed by at least ``critical_threshold`` (relative) since the previous decision is in a
+"critical regime" and gets the uniform setting, every other layer the most compressed candidate.
+The norms are averaged by the same one allreduce, so every rank switches alike.
+
 The decision runs on the communication thread as a job queued right behind a step's last bucket:
 the step's futures complete first, so the training thread goes on with the optimizer step and the
 next forward pass while the controller profiles and decides, and its collectives are ordered
@@ -43,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 
 ERROR_MEASURES = ("absolute", "relative")
+POLICIES = ("lgreco", "accordion")
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,11 @@ class AdaptiveConfig:
     # taken on one profiling window then cannot throw a layer from one end of the range to the
     # other; several decisions in a row still reach any candidate. None: no limit (the paper).
     max_ladder_steps: Optional[int] = None
+    # "lgreco": the dynamic program above; "accordion": uniform setting in critical regimes, the
+    # most compressed candidate elsewhere (critical: the layer's summed gradient norm changed by
+    # at least critical_threshold, relative, since the previous decision; always at the first).
+    policy: str = "lgreco"
+    critical_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         if self.every_steps is not None and (isinstance(self.every_steps, bool) or not isinstance(self.every_steps, int) or self.every_steps < 1):
@@ -94,6 +106,10 @@ class AdaptiveConfig:
             raise ValueError(f"resolution must be an integer >= 1; got {self.resolution!r}")
         if self.error_measure not in ERROR_MEASURES:
             raise ValueError(f"error_measure must be one of {list(ERROR_MEASURES)}; got {self.error_measure!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {list(POLICIES)}; got {self.policy!r}")
+        if not (isinstance(self.critical_threshold, (int, float)) and math.isfinite(self.critical_threshold) and self.critical_threshold > 0):
+            raise ValueError(f"critical_threshold must be a finite number > 0; got {self.critical_threshold!r}")
         if self.max_ladder_steps is not None and (
             isinstance(self.max_ladder_steps, bool) or not isinstance(self.max_ladder_steps, int) or self.max_ladder_steps < 1
         ):
@@ -124,6 +140,7 @@ class AdaptiveController:
         self.history: list[dict[str, Any]] = []
         self._bytes_at_last_decision = 0
         self._steps_at_last_decision = 0
+        self.previous_norms: dict[str, float] = {}  # Accordion: each layer's norm at the last decision
         self._device = torch.device("cpu")  # where the profiled tensors live (the buckets' device)
         state.controller = self
         self._compressed_seen = state.traffic.compressed_steps
@@ -199,38 +216,18 @@ class AdaptiveController:
         names = sorted(self.accumulated)
         candidates = [self.family.candidates(self.shapes[name]) for name in names]
         self._agree("the adaptive problem (profiled layers and their candidates)", list(zip(names, candidates)))
-        rows, error_seconds = [], {}
-        for name, options in zip(names, candidates):
-            started = time.perf_counter()
-            rows.append(self._errors(name, options))
-            error_seconds[name] = time.perf_counter() - started  # host time (kernel launches only on a GPU)
-        errors: list[list[float]] = []
-        if rows:
-            # One small allreduce averages the error table, so every rank solves the same problem.
-            flat = torch.cat(rows).to(device=self.state.transport.small_tensor_device(self._device), dtype=torch.float64)
-            self.state.transport.allreduce_sum_(flat, traffic=None)
-            flat.div_(self.state.transport.world_size)
-            values = self.state.worker.runtime.to_list(flat)
-            position = 0
-            for options in candidates:
-                errors.append(values[position : position + len(options)])
-                position += len(options)
         sizes = [[self.family.size(self.shapes[name], option) for option in options] for name, options in zip(names, candidates)]
         uniform = [options.index(_closest(options, self._uniform_for(name))) for name, options in zip(names, candidates)]
-        budget = self.config.alpha * sum(errors[layer][choice] for layer, choice in enumerate(uniform)) if names else 0.0
         # On any failure (a non-finite table entry, no feasible choice) the previous choice stays.
         current = self.state.layer_overrides()
         previous = [
             options.index(_closest(options, current.get(name, self._uniform_for(name)))) for name, options in zip(names, candidates)
         ]
-        unusable = sorted(name for name, row in zip(names, errors) if not all(math.isfinite(e) for e in row))
-        if unusable:
-            logger.warning("gcomp adaptive: non-finite compression errors for %s; those layers keep their setting where needed", unusable)
-        if self.config.max_ladder_steps is not None:
-            # The budget stays that of the uniform setting; only the reachable candidates change.
-            errors = [damp_row(row, index, self.config.max_ladder_steps) for row, index in zip(errors, previous)]
-        solution = solve(sizes, errors, budget, previous, resolution=self.config.resolution)
-        choices = {name: options[choice] for name, options, choice in zip(names, candidates, solution.choices)}
+        if self.config.policy == "accordion":
+            picks, outcome = self._accordion(names, uniform, previous)
+        else:
+            picks, outcome = self._lgreco(names, candidates, sizes, uniform, previous)
+        choices = {name: options[choice] for name, options, choice in zip(names, candidates, picks)}
         # Identical tables give identical choices; proven before the choice changes any
         # collective's size (a disagreement would otherwise hang or mix data).
         self._agree("the adaptive decision", sorted(choices.items()))
@@ -242,16 +239,14 @@ class AdaptiveController:
             "step": self.state.traffic.steps,
             "compressed_step": completed_steps,
             "setting": self.family.setting,
+            "policy": self.config.policy,
             "choices": choices,
             "uniform": self.family.uniform(),
-            "predicted_bytes": solution.total_bytes,
+            "predicted_bytes": float(sum(sizes[layer][choice] for layer, choice in enumerate(picks))),
             "uniform_bytes": float(sum(sizes[layer][choice] for layer, choice in enumerate(uniform))),
-            "predicted_error": solution.total_error,
-            "error_budget": budget,
-            "used_fallback": solution.used_fallback,
+            **outcome,
             "measured_bytes_per_step_since_last": measured,
             "observed_steps": self.observed_steps,
-            "error_seconds": error_seconds,
             "seconds": time.perf_counter() - decision_started,
         }
         self.decisions += 1
@@ -261,6 +256,66 @@ class AdaptiveController:
         self.history.append(record)
         self._log(record)
         return record
+
+    def _lgreco(
+        self, names: list[str], candidates: list[list[float]], sizes: list[list[float]], uniform: list[int], previous: list[int]
+    ) -> tuple[list[int], dict[str, Any]]:
+        """L-GreCo: every candidate's error on every rank, averaged; fewest bytes within the budget."""
+        rows, error_seconds = [], {}
+        for name, options in zip(names, candidates):
+            started = time.perf_counter()
+            rows.append(self._errors(name, options))
+            error_seconds[name] = time.perf_counter() - started  # host time (kernel launches only on a GPU)
+        errors = self._average_rows(rows, [len(options) for options in candidates])
+        budget = self.config.alpha * sum(errors[layer][choice] for layer, choice in enumerate(uniform)) if names else 0.0
+        unusable = sorted(name for name, row in zip(names, errors) if not all(math.isfinite(e) for e in row))
+        if unusable:
+            logger.warning("gcomp adaptive: non-finite compression errors for %s; those layers keep their setting where needed", unusable)
+        if self.config.max_ladder_steps is not None:
+            # The budget stays that of the uniform setting; only the reachable candidates change.
+            errors = [damp_row(row, index, self.config.max_ladder_steps) for row, index in zip(errors, previous)]
+        solution = solve(sizes, errors, budget, previous, resolution=self.config.resolution)
+        outcome = {"predicted_error": solution.total_error, "error_budget": budget, "used_fallback": solution.used_fallback,
+                   "error_seconds": error_seconds}
+        return list(solution.choices), outcome
+
+    def _accordion(self, names: list[str], uniform: list[int], previous: list[int]) -> tuple[list[int], dict[str, Any]]:
+        """Accordion: the uniform setting where a layer's summed gradient norm moved by at least
+        ``critical_threshold`` since the last decision (and at the first), else the most
+        compressed candidate (index 0). A non-finite norm keeps the layer's setting."""
+        rows = [self.accumulated[name].double().norm().reshape(1) for name in names]
+        norms = [row[0] for row in self._average_rows(rows, [1] * len(names))]
+        picks, critical = [], []
+        for name, norm, uniform_index, previous_index in zip(names, norms, uniform, previous):
+            before = self.previous_norms.get(name)
+            if not math.isfinite(norm):
+                picks.append(previous_index)
+                continue
+            if before is None or before <= 0 or abs(norm - before) >= self.config.critical_threshold * before:
+                critical.append(name)
+                picks.append(uniform_index)
+            else:
+                picks.append(0)
+            self.previous_norms[name] = norm
+        unusable = sorted(name for name, norm in zip(names, norms) if not math.isfinite(norm))
+        if unusable:
+            logger.warning("gcomp adaptive: non-finite gradient norms for %s; those layers keep their setting", unusable)
+        return picks, {"predicted_error": None, "error_budget": None, "used_fallback": bool(unusable), "critical_layers": critical}
+
+    def _average_rows(self, rows: list[torch.Tensor], lengths: list[int]) -> list[list[float]]:
+        """One small allreduce averages a table of per-layer rows, so every rank decides on the same
+        numbers (a row that could not be measured is NaN on its rank, hence NaN everywhere)."""
+        if not rows:
+            return []
+        flat = torch.cat(rows).to(device=self.state.transport.small_tensor_device(self._device), dtype=torch.float64)
+        self.state.transport.allreduce_sum_(flat, traffic=None)
+        flat.div_(self.state.transport.world_size)
+        values = self.state.worker.runtime.to_list(flat)
+        table, position = [], 0
+        for length in lengths:
+            table.append(values[position : position + length])
+            position += length
+        return table
 
     def _errors(self, name: str, options: list[float]) -> torch.Tensor:
         """One layer's row of the error table. A failure here (e.g. an SVD that does not converge)
@@ -308,6 +363,7 @@ class AdaptiveController:
             "bytes_at_last_decision": self._bytes_at_last_decision,
             "steps_at_last_decision": self._steps_at_last_decision,
             "history": json.loads(json.dumps(self.history)),
+            "previous_norms": dict(self.previous_norms),
         }
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
@@ -319,6 +375,7 @@ class AdaptiveController:
         self._bytes_at_last_decision = int(saved["bytes_at_last_decision"])
         self._steps_at_last_decision = int(saved["steps_at_last_decision"])
         self.history = list(saved["history"])
+        self.previous_norms = {str(name): float(norm) for name, norm in saved.get("previous_norms", {}).items()}
         self._compressed_seen = self.state.traffic.compressed_steps
         self._update_observer(self.state.traffic.compressed_steps)
 

@@ -54,11 +54,15 @@ Tuning guide:
   support, and entries that matter only on other ranks wait in their error-feedback buffers until
   those ranks lead (``benchmarks/RESULTS.md`` §13 measures the loss). Prefer them when ``W`` is
   large or the link slow; keep the allgather for small ``W`` on fast links, where it costs little.
-- ``feedback``: ``"ef21"`` is the safe default for heterogeneous data; ``"ef14"`` needs one
-  buffer per layer instead of two; ``"econtrol"`` adds a damped error feedback to EF21 (tune
-  ``eta`` in {0.001, 0.01, 0.05, 0.1, 0.2}; ``eta = 0`` is EF21); ``"ef21-sgdm"`` makes EF21
-  track a local momentum of the gradients (``momentum`` 0.9), the remedy for minibatch noise at low
-  density with plain SGD (``momentum = 0`` is EF21; with AdamW prefer ``"ef14"``).
+- ``feedback``: ``"ef14"`` (default) trained best in every measured setting (AdamW with a constant
+  or cosine rate, two models, 1-5 % density: ``benchmarks/RESULTS.md`` §3, §3b, §3c, §4d) and keeps
+  one buffer per layer. ``"ef21"`` keeps one estimate replicated on every rank, which its theory
+  makes exact on heterogeneous data, but at 1 % density each entry of that estimate is refreshed
+  about every 100 steps, and AdamW turns the stale entries into full-size steps (+9.6 % against
+  EF14's +4.2 % with a cosine rate, §3b); it needs one dense start. ``"econtrol"`` adds a damped
+  error feedback to EF21 (tune ``eta`` in {0.001, 0.01, 0.05, 0.1}; 0.5 diverged; ``eta = 0`` is
+  EF21); ``"ef21-sgdm"`` makes EF21 track a local momentum of the gradients (``momentum`` 0.9),
+  the remedy for minibatch noise with plain SGD (``momentum = 0`` is EF21).
 - ``value_dtype``: ``"float16"``/``"bfloat16"`` halve the value bytes; the rounding error is fed back.
 - ``min_compression_rate``: raise it (e.g. to the world size) to keep layers dense unless the
   sparse message really saves bytes on the receiving side too.
@@ -107,7 +111,7 @@ class TopKState(MessageState):
 
     Example::
 
-        state = gcomp.TopKState(density=0.01, feedback="ef21", warmup_steps=100)
+        state = gcomp.TopKState(density=0.01, feedback="ef14", warmup_steps=100)
         ddp_model.register_comm_hook(state, gcomp.topk_hook)
         # or, for many ranks: gcomp.register(ddp_model, "topk", density=0.01, exchange="shared_indices")
     """
@@ -120,7 +124,7 @@ class TopKState(MessageState):
         process_group: Optional[dist.ProcessGroup] = None,
         *,
         density: float = 0.01,
-        feedback: str = "ef21",
+        feedback: str = "ef14",
         eta: float = 0.1,
         momentum: float = 0.9,
         value_dtype: Union[str, torch.dtype] = "float32",
