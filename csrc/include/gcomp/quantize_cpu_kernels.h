@@ -394,11 +394,16 @@ __attribute__((target(GCOMP_QUANTIZE_AVX2))) inline int64_t sign_blocks_avx2(con
   for (int64_t first = 0; first < blocks; first += kFoldBlocks) {
     const int64_t last = std::min(blocks, first + kFoldBlocks);
     __m256i sum = _mm256_setzero_si256();
-    for (int64_t k = first * (kBlock / 8); k < last * (kBlock / 8); ++k) {
-      const __m256 v = _mm256_loadu_ps(x + 8 * k);
-      out[k] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NLT_UQ)));
-      const __m256 product = _mm256_mul_ps(_mm256_and_ps(v, magnitude), units);
-      sum = _mm256_add_epi32(sum, _mm256_min_epi32(_mm256_cvtps_epi32(product), one));  // as above
+    // Four vectors a step: their four code bytes go out in one 32-bit store.
+    for (int64_t k = first * (kBlock / 32); k < last * (kBlock / 32); ++k) {
+      uint32_t codes = 0;
+      for (int j = 0; j < 4; ++j) {
+        const __m256 v = _mm256_loadu_ps(x + 32 * k + 8 * j);
+        codes |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NLT_UQ))) << (8 * j);
+        const __m256 product = _mm256_mul_ps(_mm256_and_ps(v, magnitude), units);
+        sum = _mm256_add_epi32(sum, _mm256_min_epi32(_mm256_cvtps_epi32(product), one));  // as above
+      }
+      std::memcpy(out + 4 * k, &codes, 4);
     }
     // Each lane holds at most 64 entries of 2^24 (2^30); the eight lanes are added in 64 bits.
     const __m256i low = _mm256_cvtepu32_epi64(_mm256_castsi256_si128(sum));
@@ -440,8 +445,53 @@ __attribute__((target(GCOMP_QUANTIZE_AVX512))) inline void nearest_block_avx512(
   }
 }
 
+// 2, 4 and 8 bits, round to nearest, AVX2: the same conversion as above. The block's 64 codes
+// (0 .. 2 * levels <= 254) are narrowed to bytes with saturating packs, which cannot saturate here;
+// the packs work inside 128-bit lanes, so one permutation of 32-bit groups puts the bytes back in
+// order. Then multiply-adds combine neighbours: c0 + 16 c1 (4 bits), c0 + 4 c1 + 16 c2 + 64 c3
+// (2 bits), the same bytes as pack_block_codes.
 template <int Bits>
-__attribute__((target(GCOMP_QUANTIZE_AVX512))) inline void pack_nearest_unit_avx512(const PackTask& t) {
+__attribute__((target(GCOMP_QUANTIZE_AVX2))) inline void nearest_block_avx2(const float* x, float inverse,
+                                                                            uint8_t* out) {
+  const __m256 inverses = _mm256_set1_ps(inverse);
+  const __m256i level = _mm256_set1_epi32(levels(Bits));
+  const __m256i in_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  __m256i bytes[2];  // codes 0..31 and 32..63, one byte each
+  for (int half = 0; half < 2; ++half) {
+    __m256i code[4];
+    for (int k = 0; k < 4; ++k) {
+      const __m256 v = _mm256_loadu_ps(x + 32 * half + 8 * k);
+      code[k] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v, inverses)), level);
+    }
+    // bytes [c0 0-3, c1 0-3, c2 0-3, c3 0-3 | c0 4-7, c1 4-7, c2 4-7, c3 4-7] -> c0 0-7, c1 0-7, ...
+    const __m256i packed = _mm256_packus_epi16(_mm256_packs_epi32(code[0], code[1]), _mm256_packs_epi32(code[2], code[3]));
+    bytes[half] = _mm256_permutevar8x32_epi32(packed, in_order);
+  }
+  if constexpr (Bits == 8) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), bytes[0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32), bytes[1]);
+  } else if constexpr (Bits == 4) {
+    const __m256i weights = _mm256_set1_epi16(1 | 16 << 8);
+    const __m256i low = _mm256_maddubs_epi16(bytes[0], weights);  // pairs 0..15 (<= 238 each)
+    const __m256i high = _mm256_maddubs_epi16(bytes[1], weights);  // pairs 16..31
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi16(low, high), 0xD8);  // qwords 0, 2, 1, 3
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), packed);
+  } else {
+    static_assert(Bits == 2, "bits");
+    const __m256i pair_weights = _mm256_set1_epi16(1 | 4 << 8);
+    const __m256i quad_weights = _mm256_set1_epi32(1 | 16 << 16);
+    const __m256i low = _mm256_madd_epi16(_mm256_maddubs_epi16(bytes[0], pair_weights), quad_weights);  // quads 0..7
+    const __m256i high = _mm256_madd_epi16(_mm256_maddubs_epi16(bytes[1], pair_weights), quad_weights);  // 8..15
+    const __m256i narrowed = _mm256_packus_epi16(_mm256_packs_epi32(low, high), _mm256_setzero_si256());
+    const __m256i packed = _mm256_permutevar8x32_epi32(narrowed, in_order);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(packed));
+  }
+}
+
+// A unit of 2/4/8-bit round-to-nearest packing with one level's block kernel for the full blocks of
+// regular chunks; partial blocks and irregular chunks (NaN, infinity) take the generic code.
+template <int Bits, class Block>
+GCOMP_ALWAYS_INLINE void pack_nearest_unit(const PackTask& t, Block full_block) {
   for (int64_t start = t.begin; start < t.end; start += t.chunk) {
     const int64_t n = std::min(t.chunk, t.end - start);
     const float* x = t.layer + start;
@@ -450,7 +500,7 @@ __attribute__((target(GCOMP_QUANTIZE_AVX512))) inline void pack_nearest_unit_avx
     uint8_t* out = t.codes + start / 8 * Bits;
     int64_t b = 0;
     if (quantize::regular_chunk(top, inverse)) {
-      for (; b + kBlock <= n; b += kBlock) nearest_block_avx512<Bits>(x + b, inverse, out + b / 8 * Bits);
+      for (; b + kBlock <= n; b += kBlock) full_block(x + b, inverse, out + b / 8 * Bits);
       for (; b < n; b += kBlock) {
         quantize_block<Bits, false, true>(x + b, std::min(kBlock, n - b), inverse, 0, 0, out + b / 8 * Bits);
       }
@@ -465,6 +515,9 @@ __attribute__((target(GCOMP_QUANTIZE_AVX512))) inline void pack_nearest_unit_avx
 
 __attribute__((target(GCOMP_QUANTIZE_AVX2))) inline void pack_unit_avx2(const PackTask& t, int bits) {
   if (bits == 1) return pack_sign_unit(t, sign_blocks_avx2);
+  if (!t.stochastic && bits == 2) return pack_nearest_unit<2>(t, nearest_block_avx2<2>);
+  if (!t.stochastic && bits == 4) return pack_nearest_unit<4>(t, nearest_block_avx2<4>);
+  if (!t.stochastic && bits == 8) return pack_nearest_unit<8>(t, nearest_block_avx2<8>);
   pack_unit_dispatch(t, bits);
 }
 __attribute__((target(GCOMP_QUANTIZE_AVX2))) inline void unpack_unit_avx2(const UnpackTask& t, int bits) {
@@ -472,8 +525,8 @@ __attribute__((target(GCOMP_QUANTIZE_AVX2))) inline void unpack_unit_avx2(const 
 }
 __attribute__((target(GCOMP_QUANTIZE_AVX512))) inline void pack_unit_avx512(const PackTask& t, int bits) {
   if (bits == 1) return pack_sign_unit(t, sign_blocks_avx512);
-  if (bits == 2 && !t.stochastic) return pack_nearest_unit_avx512<2>(t);
-  if (bits == 4 && !t.stochastic) return pack_nearest_unit_avx512<4>(t);
+  if (bits == 2 && !t.stochastic) return pack_nearest_unit<2>(t, nearest_block_avx512<2>);
+  if (bits == 4 && !t.stochastic) return pack_nearest_unit<4>(t, nearest_block_avx512<4>);
   pack_unit_dispatch(t, bits);
 }
 __attribute__((target(GCOMP_QUANTIZE_AVX512))) inline void unpack_unit_avx512(const UnpackTask& t, int bits) {
