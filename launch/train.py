@@ -111,6 +111,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
                         help="cosine: linear warm-up over --lr-warmup steps, then cosine decay to 10%% of --lr")
     parser.add_argument("--lr-warmup", type=int, default=0, help="steps of linear learning-rate warm-up (cosine)")
+    parser.add_argument("--heterogeneous", action="store_true",
+                        help="each rank trains on its own contiguous 1/world of the training text (validation stays shared)")
     parser.add_argument("--model", default="small", help="model preset: tiny, small (3.3 M parameters), deep (1.7 M: 8 layers, width 128, context 64), medium")
     parser.add_argument("--data", default=default_corpus_path(), help="text file or directory (default: Python's stdlib sources)")
     parser.add_argument("--max-bytes", type=int, default=4_000_000, help="read at most this much of the corpus")
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     corpus = load_corpus(args.data, args.max_bytes)
-    batches = Batches(corpus, config.context, args.batch_size, args.seed, rank)
+    batches = Batches(corpus, config.context, args.batch_size, args.seed, rank, partition=(rank, world) if args.heterogeneous else None)
 
     parameters = sum(p.numel() for p in model.parameters())
     checkpoint_path = os.path.join(args.checkpoint, f"rank{rank}.pt") if args.checkpoint else None

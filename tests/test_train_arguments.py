@@ -8,6 +8,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "launch"))
@@ -68,3 +69,31 @@ def test_dense_vectors_sends_every_one_dimensional_parameter_dense(monkeypatch):
 def test_dense_vectors_is_refused_where_it_cannot_apply(monkeypatch, argv):
     with pytest.raises(ValueError, match="--dense-vectors"):
         registered_options(monkeypatch, argv)
+
+
+def test_heterogeneous_ranks_draw_training_windows_from_their_own_part_only():
+    """--heterogeneous: rank r of W reads only the r-th contiguous W-th of the training text; the
+    validation windows stay identical on every rank."""
+    from gcomp.examples.charlm import Batches
+
+    corpus = torch.arange(12_000)  # token value = its position, so a window says where it came from
+    context, world = 16, 3
+    train_end = int(len(corpus) * 0.9)
+    part = train_end // world
+    shared = Batches(corpus, context, 64, seed=0, rank=0)
+    for rank in range(world):
+        batches = Batches(corpus, context, 64, seed=0, rank=rank, partition=(rank, world))
+        for _ in range(20):
+            inputs, targets = batches.next()
+            assert int(inputs.min()) >= rank * part and int(targets.max()) < (rank + 1) * part
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(batches.validation_batches(2), shared.validation_batches(2)))
+    assert train.parse_arguments(["--heterogeneous"]).heterogeneous
+    assert not train.parse_arguments([]).heterogeneous
+
+
+@pytest.mark.parametrize("partition", [(3, 3), (-1, 2), (0, 0)])
+def test_a_bad_partition_is_refused(partition):
+    from gcomp.examples.charlm import Batches
+
+    with pytest.raises(ValueError, match="partition"):
+        Batches(torch.arange(12_000), 16, 4, seed=0, rank=0, partition=partition)
