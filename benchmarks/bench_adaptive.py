@@ -38,11 +38,11 @@ def train(arguments: list[str], steps: int) -> list[dict]:
 
 def summarise(records: list[dict], warmup_steps: int) -> dict:
     last = records[-1]
-    at_warmup = next((r for r in records if r["step"] == warmup_steps), None)
-    warmup_bytes = at_warmup["bytes_sent"] if at_warmup is not None and warmup_steps else 0
     if "bytes_sent" not in last:  # plain DDP (no gcomp state): its bytes are the uncompressed ones of the other runs
         return {"validation_loss": last["validation_loss"], "bytes_whole_run": None, "bytes_compressed_phase": None,
                 "bytes_uncompressed": None, "seconds_per_step": last["seconds"] / last["step"]}
+    at_warmup = next((r for r in records if r["step"] == warmup_steps), None)
+    warmup_bytes = at_warmup["bytes_sent"] if at_warmup is not None and warmup_steps else 0
     return {
         "validation_loss": last["validation_loss"],
         "bytes_whole_run": last["bytes_sent"],
