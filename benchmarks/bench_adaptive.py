@@ -8,7 +8,8 @@
 
 The first ``--run`` is the reference of the ratios. "Compressed phase" is everything after the
 dense warm-up (``--warmup-steps``, train.py's default 20; it must be a multiple of ``--log-every``,
-default 10, so the log holds the bytes at its end); "whole run" includes the warm-up.
+default 10, so the log holds the bytes at its end, else the compressed phase is reported as unknown);
+"whole run" includes the warm-up.
 """
 from __future__ import annotations
 
@@ -41,12 +42,13 @@ def summarise(records: list[dict], warmup_steps: int) -> dict:
     if "bytes_sent" not in last:  # plain DDP (no gcomp state): its bytes are the uncompressed ones of the other runs
         return {"validation_loss": last["validation_loss"], "bytes_whole_run": None, "bytes_compressed_phase": None,
                 "bytes_uncompressed": None, "seconds_per_step": last["seconds"] / last["step"]}
-    at_warmup = next((r for r in records if r["step"] == warmup_steps), None)
-    warmup_bytes = at_warmup["bytes_sent"] if at_warmup is not None and warmup_steps else 0
+    # The bytes at the warm-up's end; unknown (None, shown as "-") when that step was not logged,
+    # rather than the whole run's bytes under the compressed phase's name.
+    at_warmup = next((r for r in records if r["step"] == warmup_steps), None) if warmup_steps else {"bytes_sent": 0}
     return {
         "validation_loss": last["validation_loss"],
         "bytes_whole_run": last["bytes_sent"],
-        "bytes_compressed_phase": last["bytes_sent"] - warmup_bytes,
+        "bytes_compressed_phase": None if at_warmup is None else last["bytes_sent"] - at_warmup["bytes_sent"],
         "bytes_uncompressed": last["bytes_uncompressed"],
         "seconds_per_step": last["seconds"] / last["step"],
     }

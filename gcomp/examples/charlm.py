@@ -11,8 +11,6 @@ import os
 import sysconfig
 from dataclasses import dataclass
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -107,7 +105,7 @@ class Batches:
     from identically distributed data. Validation windows stay the same on every rank."""
 
     def __init__(self, corpus: torch.Tensor, context: int, batch_size: int, seed: int, rank: int, validation_fraction: float = 0.1,
-                 partition: Optional[tuple[int, int]] = None) -> None:
+                 partition: tuple[int, int] | None = None) -> None:
         split = int(len(corpus) * (1 - validation_fraction))
         self.train, self.validation = corpus[:split].long(), corpus[split:].long()
         if partition is not None:

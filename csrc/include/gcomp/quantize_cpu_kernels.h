@@ -515,9 +515,9 @@ GCOMP_ALWAYS_INLINE void pack_nearest_unit(const PackTask& t, Block full_block) 
 
 __attribute__((target(GCOMP_QUANTIZE_AVX2))) inline void pack_unit_avx2(const PackTask& t, int bits) {
   if (bits == 1) return pack_sign_unit(t, sign_blocks_avx2);
-  if (!t.stochastic && bits == 2) return pack_nearest_unit<2>(t, nearest_block_avx2<2>);
-  if (!t.stochastic && bits == 4) return pack_nearest_unit<4>(t, nearest_block_avx2<4>);
-  if (!t.stochastic && bits == 8) return pack_nearest_unit<8>(t, nearest_block_avx2<8>);
+  if (bits == 2 && !t.stochastic) return pack_nearest_unit<2>(t, nearest_block_avx2<2>);
+  if (bits == 4 && !t.stochastic) return pack_nearest_unit<4>(t, nearest_block_avx2<4>);
+  if (bits == 8 && !t.stochastic) return pack_nearest_unit<8>(t, nearest_block_avx2<8>);
   pack_unit_dispatch(t, bits);
 }
 __attribute__((target(GCOMP_QUANTIZE_AVX2))) inline void unpack_unit_avx2(const UnpackTask& t, int bits) {
