@@ -1,5 +1,5 @@
 """Adaptive (L-GreCo) against uniform settings: validation loss and bytes, over several seeds
-(2 workers via torchrun, gloo, CPU; one run after another).
+(2 workers via torchrun, or `--workers N`; gloo, CPU; one run after another).
 
     python benchmarks/bench_adaptive.py --model deep --steps 300 --seeds 0 1 2 \
         --run uniform "--method powersgd" \
@@ -25,11 +25,11 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def train(arguments: list[str], steps: int) -> list[dict]:
+def train(arguments: list[str], steps: int, workers: int = 2) -> list[dict]:
     with tempfile.TemporaryDirectory() as directory:
         log = os.path.join(directory, "log.jsonl")
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
             os.path.join(ROOT, "launch", "train.py"), *arguments, "--steps", str(steps), "--json", log, "--no-progress",
         ]
         subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--warmup-steps", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=2, help="processes (ranks), one machine")
     parser.add_argument("--json", default=None)
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="arguments for every launch/train.py run, after --")
     args = parser.parse_args()
@@ -76,7 +77,7 @@ def main() -> None:
     for label, arguments in args.run:
         results[label] = {}
         for seed in args.seeds:
-            records = train(shlex.split(arguments) + common + ["--seed", str(seed)], args.steps)
+            records = train(shlex.split(arguments) + common + ["--seed", str(seed)], args.steps, args.workers)
             results[label][seed] = {"summary": summarise(records, args.warmup_steps), "records": records}
             print(f"{label} seed {seed}: {results[label][seed]['summary']}", file=sys.stderr, flush=True)
     reference = args.run[0][0]

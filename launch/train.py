@@ -28,7 +28,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from torch.nn.parallel import DistributedDataParallel
 
 import gcomp
-from gcomp.examples.charlm import Batches, CharLM, CharLMConfig, default_corpus_path, language_model_loss, load_corpus
+from gcomp.examples.charlm import Batches, CharLM, CharLMConfig, build_model, default_corpus_path, language_model_loss, load_corpus
 from gcomp.observe import TensorBoardLogger, progress, progress_write
 
 TORCH_METHODS = ("none", "torch-powersgd", "torch-fp16")
@@ -113,7 +113,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr-warmup", type=int, default=0, help="steps of linear learning-rate warm-up (cosine)")
     parser.add_argument("--heterogeneous", action="store_true",
                         help="each rank trains on its own contiguous 1/world of the training text (validation stays shared)")
-    parser.add_argument("--model", default="small", help="model preset: tiny, small (3.3 M parameters), deep (1.7 M: 8 layers, width 128, context 64), medium")
+    parser.add_argument("--model", default="small", help="model preset: tiny, small (3.3 M parameters), deep (1.7 M: 8 layers, width 128, context 64), medium, "
+                        "lstm (a 2-layer LSTM of 384, 2.1 M, context 64; the non-transformer workload, meant for --optimizer sgd)")
     parser.add_argument("--data", default=default_corpus_path(), help="text file or directory (default: Python's stdlib sources)")
     parser.add_argument("--max-bytes", type=int, default=4_000_000, help="read at most this much of the corpus")
     parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size")
@@ -227,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(args.seed)
 
-    config = CharLMConfig.preset(args.model)
-    model = CharLM(config)
+    model, context = build_model(args.model)
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     elif args.precondition:  # the gradients are AdamW directions already; AdamW's default weight decay
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     corpus = load_corpus(args.data, args.max_bytes)
-    batches = Batches(corpus, config.context, args.batch_size, args.seed, rank, partition=(rank, world) if args.heterogeneous else None)
+    batches = Batches(corpus, context, args.batch_size, args.seed, rank, partition=(rank, world) if args.heterogeneous else None)
 
     parameters = sum(p.numel() for p in model.parameters())
     checkpoint_path = os.path.join(args.checkpoint, f"rank{rank}.pt") if args.checkpoint else None

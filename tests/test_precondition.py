@@ -116,10 +116,28 @@ def test_topk_at_density_one_equals_the_dense_preconditioned_average():
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def _raw_quantize_vs_dense(rank, world_size):
+    """bits=32 sends every entry as raw float32: the quantize mode's counterpart of density 1."""
+    quantized = _train(rank, world_size, "quantize", {"bits": 32, "feedback": "ef14", "min_compression_rate": 0.5})
+    dense = _train(rank, world_size, "allreduce", {})
+    return quantized, dense
+
+
+def test_quantize_at_32_bits_equals_the_dense_preconditioned_average():
+    for quantized, dense in run_ranks(_raw_quantize_vs_dense, 2):
+        for a, b in zip(quantized["averaged"], dense["averaged"]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # rank-order sum vs allreduce sum
+        for a, b in zip(quantized["params"], dense["params"]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def _every_rule(rank, world_size):
     out = {}
     for feedback in ("ef14", "ef21", "ef21-sgdm", "econtrol"):
         out[feedback] = _train(rank, world_size, "topk", {"density": 0.05, "feedback": feedback, "warmup_steps": 1}, steps=5)
+        out[f"quantize-1-{feedback}"] = _train(
+            rank, world_size, "quantize", {"bits": 1, "chunk": 64, "feedback": feedback, "min_compression_rate": 1.0}, steps=5
+        )
     out["powersgd"] = _train(rank, world_size, "powersgd", {"rank": 2, "warmup_steps": 1, "min_compression_rate": 1.0}, steps=5)
     return out
 
@@ -148,6 +166,27 @@ def test_resume_is_bit_identical():
     for one, other in zip(uninterrupted, resumed):
         for a, b in zip(one["params"], other["params"]):
             assert torch.equal(a, b)
+
+
+SIGN_OPTIONS = {"bits": 1, "chunk": 64, "feedback": "ef14", "min_compression_rate": 1.0}
+
+
+def _resume_sign(rank, world_size):
+    return _train(rank, world_size, "quantize", SIGN_OPTIONS, steps=8, save_at=4)
+
+
+def _resumed_sign(rank, world_size, checkpoints):
+    return _train(rank, world_size, "quantize", SIGN_OPTIONS, steps=8, checkpoint=checkpoints)
+
+
+def test_resume_of_the_one_bit_mode_is_bit_identical():
+    uninterrupted = run_ranks(_resume_sign, 2)
+    resumed = run_ranks(_resumed_sign, 2, [r["saved"] for r in uninterrupted])
+    for one, other in zip(uninterrupted, resumed):
+        for a, b in zip(one["params"], other["params"]):
+            assert torch.equal(a, b)
+    initial = list(make_mlp().parameters())
+    assert not torch.equal(uninterrupted[0]["params"][0], initial[0])  # the eight steps moved the weights
 
 
 def _overflow(rank, world_size, step):

@@ -97,3 +97,25 @@ def test_a_bad_partition_is_refused(partition):
 
     with pytest.raises(ValueError, match="partition"):
         Batches(torch.arange(12_000), 16, 4, seed=0, rank=0, partition=partition)
+
+
+def test_the_lstm_preset_is_a_recurrent_language_model_that_learns_with_sgd():
+    """--model lstm: the non-transformer workload (no attention), trained with SGD + momentum."""
+    from gcomp.examples.charlm import CharLSTM, build_model, language_model_loss
+
+    model, context = build_model("lstm")
+    assert isinstance(model, CharLSTM) and context == 64
+    assert not any(isinstance(module, torch.nn.MultiheadAttention) for module in model.modules())
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 256, (4, context + 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    losses = []
+    for _ in range(30):  # one batch again and again: the loss must fall
+        optimizer.zero_grad()
+        loss = language_model_loss(model, tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] - 0.5, losses
+    with pytest.raises(ValueError, match="lstm"):
+        build_model("transformer-xl")

@@ -68,7 +68,7 @@ class CharLMConfig:
             "deep": cls(context=64, width=128, layers=8, heads=4),
         }
         if name not in presets:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(presets)}")
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(presets) + ['lstm']}")
         return presets[name]
 
 
@@ -94,6 +94,33 @@ class CharLM(nn.Module):
         hidden = self.embed(tokens) + self.position[:length]
         hidden = self.blocks(hidden, mask=self.causal_mask[:length, :length], is_causal=True)
         return self.head(self.norm(hidden))
+
+
+class CharLSTM(nn.Module):
+    """A byte-level recurrent language model: embedding, stacked LSTM, linear head. The
+    non-transformer workload of the benchmarks, trained with plain SGD + momentum (the setting
+    where error feedback on raw gradients is meant to work without an adaptive optimizer)."""
+
+    def __init__(self, context: int = 64, width: int = 128, hidden: int = 384, layers: int = 2) -> None:
+        super().__init__()
+        self.context = context
+        self.embed = nn.Embedding(256, width)
+        self.recurrent = nn.LSTM(width, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, 256)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.recurrent(self.embed(tokens))
+        return self.head(hidden)
+
+
+def build_model(name: str) -> tuple[nn.Module, int]:
+    """A model preset by name and its context length: the CharLM presets (``tiny``, ``small``,
+    ``medium``, ``deep``) or ``lstm`` (CharLSTM, 2 layers of 384, about 2.1 M parameters)."""
+    if name == "lstm":
+        model = CharLSTM()
+        return model, model.context
+    config = CharLMConfig.preset(name)
+    return CharLM(config), config.context
 
 
 class Batches:
