@@ -102,32 +102,25 @@ def test_allreduce_averages_each_ranks_own_adamw_direction():
         assert torch.equal(a, b)
 
 
-def _density_one_vs_dense(rank, world_size):
-    sparse = _train(rank, world_size, "topk", {"density": 1.0, "feedback": "ef14", "warmup_steps": 2, "min_compression_rate": 0.5})
-    dense = _train(rank, world_size, "allreduce", {})
-    return sparse, dense
+# The lossless setting of each compressed mode: top-k at density 1, and quantize at 32 bits (every
+# entry sent as raw float32).
+LOSSLESS = {
+    "topk-density-1": ("topk", {"density": 1.0, "feedback": "ef14", "warmup_steps": 2, "min_compression_rate": 0.5}),
+    "quantize-32-bits": ("quantize", {"bits": 32, "feedback": "ef14", "min_compression_rate": 0.5}),
+}
 
 
-def test_topk_at_density_one_equals_the_dense_preconditioned_average():
-    for sparse, dense in run_ranks(_density_one_vs_dense, 2):
-        for a, b in zip(sparse["averaged"], dense["averaged"]):
+def _lossless_vs_dense(rank, world_size, mode):
+    method, options = LOSSLESS[mode]
+    return _train(rank, world_size, method, options), _train(rank, world_size, "allreduce", {})
+
+
+@pytest.mark.parametrize("mode", sorted(LOSSLESS))
+def test_the_lossless_setting_equals_the_dense_preconditioned_average(mode):
+    for compressed, dense in run_ranks(_lossless_vs_dense, 2, mode):
+        for a, b in zip(compressed["averaged"], dense["averaged"]):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # rank-order sum vs allreduce sum
-        for a, b in zip(sparse["params"], dense["params"]):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-
-
-def _raw_quantize_vs_dense(rank, world_size):
-    """bits=32 sends every entry as raw float32: the quantize mode's counterpart of density 1."""
-    quantized = _train(rank, world_size, "quantize", {"bits": 32, "feedback": "ef14", "min_compression_rate": 0.5})
-    dense = _train(rank, world_size, "allreduce", {})
-    return quantized, dense
-
-
-def test_quantize_at_32_bits_equals_the_dense_preconditioned_average():
-    for quantized, dense in run_ranks(_raw_quantize_vs_dense, 2):
-        for a, b in zip(quantized["averaged"], dense["averaged"]):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # rank-order sum vs allreduce sum
-        for a, b in zip(quantized["params"], dense["params"]):
+        for a, b in zip(compressed["params"], dense["params"]):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
@@ -150,38 +143,23 @@ def test_every_rule_keeps_ranks_identical():
         assert all(torch.isfinite(p).all() for p in first[name]["params"]), name
 
 
-def _resume(rank, world_size):
-    options = {"density": 0.05, "feedback": "ef21", "warmup_steps": 2}
-    uninterrupted = _train(rank, world_size, "topk", options, steps=8, save_at=4)
-    return uninterrupted
+# A sparse mode with a replicated estimate, and the one-bit mode with a residual.
+RESUMED = {
+    "topk-ef21": ("topk", {"density": 0.05, "feedback": "ef21", "warmup_steps": 2}),
+    "quantize-1-bit-ef14": ("quantize", {"bits": 1, "chunk": 64, "feedback": "ef14", "min_compression_rate": 1.0}),
+}
 
 
-def _resumed(rank, world_size, checkpoints):
-    return _train(rank, world_size, "topk", {"density": 0.05, "feedback": "ef21", "warmup_steps": 2}, steps=8, checkpoint=checkpoints)
+def _resume(rank, world_size, mode, checkpoints=None):
+    """Eight steps saving at step 4 (checkpoints None), or resumed from those checkpoints."""
+    method, options = RESUMED[mode]
+    return _train(rank, world_size, method, options, steps=8, save_at=4 if checkpoints is None else None, checkpoint=checkpoints)
 
 
-def test_resume_is_bit_identical():
-    uninterrupted = run_ranks(_resume, 2)
-    resumed = run_ranks(_resumed, 2, [r["saved"] for r in uninterrupted])
-    for one, other in zip(uninterrupted, resumed):
-        for a, b in zip(one["params"], other["params"]):
-            assert torch.equal(a, b)
-
-
-SIGN_OPTIONS = {"bits": 1, "chunk": 64, "feedback": "ef14", "min_compression_rate": 1.0}
-
-
-def _resume_sign(rank, world_size):
-    return _train(rank, world_size, "quantize", SIGN_OPTIONS, steps=8, save_at=4)
-
-
-def _resumed_sign(rank, world_size, checkpoints):
-    return _train(rank, world_size, "quantize", SIGN_OPTIONS, steps=8, checkpoint=checkpoints)
-
-
-def test_resume_of_the_one_bit_mode_is_bit_identical():
-    uninterrupted = run_ranks(_resume_sign, 2)
-    resumed = run_ranks(_resumed_sign, 2, [r["saved"] for r in uninterrupted])
+@pytest.mark.parametrize("mode", sorted(RESUMED))
+def test_resume_is_bit_identical(mode):
+    uninterrupted = run_ranks(_resume, 2, mode)
+    resumed = run_ranks(_resume, 2, mode, [r["saved"] for r in uninterrupted])
     for one, other in zip(uninterrupted, resumed):
         for a, b in zip(one["params"], other["params"]):
             assert torch.equal(a, b)
