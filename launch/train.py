@@ -108,6 +108,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precondition", action="store_true",
                         help="with --optimizer adamw: every rank sends its local AdamW direction (gcomp precondition='adamw'), "
                              "stepped by SGD with AdamW's weight decay")
+    parser.add_argument("--precondition-betas", type=float, nargs=2, default=None, metavar=("BETA1", "BETA2"),
+                        help="--precondition: the local AdamW moments' betas (default gcomp.LocalAdamW's, 0.9 0.999)")
     parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
                         help="cosine: linear warm-up over --lr-warmup steps, then cosine decay to 10%% of --lr")
     parser.add_argument("--lr-warmup", type=int, default=0, help="steps of linear learning-rate warm-up (cosine)")
@@ -207,8 +209,10 @@ def register_method(ddp: DistributedDataParallel, args: argparse.Namespace):
         )
     if args.dense_vectors and args.method != "topk":
         raise ValueError("--dense-vectors applies to --method topk only")
+    if args.precondition_betas and not args.precondition:
+        raise ValueError("--precondition-betas needs --precondition")
     if args.precondition:
-        options["precondition"] = "adamw"
+        options["precondition"] = gcomp.LocalAdamW(betas=tuple(args.precondition_betas)) if args.precondition_betas else "adamw"
     return gcomp.register(ddp, args.method, **options)
 
 

@@ -119,3 +119,13 @@ def test_the_lstm_preset_is_a_recurrent_language_model_that_learns_with_sgd():
     assert losses[-1] < losses[0] - 0.5, losses
     with pytest.raises(ValueError, match="lstm"):
         build_model("transformer-xl")
+
+
+def test_precondition_betas_reach_the_local_adamw(monkeypatch):
+    import gcomp
+
+    options = registered_options(monkeypatch, ["--method", "quantize", "--bits", "1", "--precondition", "--precondition-betas", "0.9", "0.99"])
+    assert isinstance(options["precondition"], gcomp.LocalAdamW) and options["precondition"].betas == (0.9, 0.99)
+    assert registered_options(monkeypatch, ["--method", "quantize", "--precondition"])["precondition"] == "adamw"
+    with pytest.raises(ValueError, match="--precondition-betas"):
+        registered_options(monkeypatch, ["--method", "quantize", "--precondition-betas", "0.9", "0.99"])
