@@ -207,11 +207,14 @@ def test_a_mismatched_optimizer_is_refused_at_its_first_step(kind):
             assert "AdamW directions" in error and "torch.optim.SGD" in error, error
 
 
-def _mismatch(rank, world_size):
+MISMATCHED = {"topk": {"density": 0.1}, "quantize": {"bits": 1, "chunk": 64}}
+
+
+def _mismatch(rank, world_size, method):
     torch.manual_seed(0)
     ddp = DistributedDataParallel(make_mlp())
     options = {"precondition": "adamw"} if rank == 0 else {}
-    state = gcomp.register(ddp, "topk", density=0.1, **options)
+    state = gcomp.register(ddp, method, **MISMATCHED[method], **options)
     x, y = batch(rank, 0)
     try:
         torch.nn.functional.mse_loss(ddp(x), y).backward()
@@ -222,8 +225,9 @@ def _mismatch(rank, world_size):
     return error
 
 
-def test_precondition_on_one_rank_only_raises_on_every_rank():
-    for error in run_ranks(_mismatch, 2, timeout=90):
+@pytest.mark.parametrize("method", sorted(MISMATCHED))
+def test_precondition_on_one_rank_only_raises_on_every_rank(method):
+    for error in run_ranks(_mismatch, 2, method, timeout=90):
         assert "precondition" in error, error
 
 
