@@ -26,12 +26,18 @@ def curves(path: str) -> tuple[dict[str, list[tuple[int, float, Optional[float]]
     """Per run label: (step, validation loss, bytes sent or None) at every evaluated step, and the
     uncompressed bytes per step if any run logged them."""
     with open(path, encoding="utf-8") as handle:
-        results = json.load(handle)["results"]
+        saved = json.load(handle)
+    # Every log record repeats the latest validation loss; the evaluated steps are the multiples of
+    # train.py's --eval-every (default 50) and the last step.
+    extra = saved["arguments"].get("extra", [])
+    every = int(extra[extra.index("--eval-every") + 1]) if "--eval-every" in extra else 50
     out: dict[str, list[tuple[int, float, Optional[float]]]] = {}
     per_step: Optional[float] = None
-    for label, seeds in results.items():
+    for label, seeds in saved["results"].items():
         records = seeds[sorted(seeds, key=int)[0]]["records"]
-        out[label] = [(r["step"], r["validation_loss"], r.get("bytes_sent")) for r in records if r.get("validation_loss") is not None]
+        last = records[-1]["step"]
+        out[label] = [(r["step"], r["validation_loss"], r.get("bytes_sent")) for r in records
+                      if r.get("validation_loss") is not None and (r["step"] % every == 0 or r["step"] == last)]
         for record in records:
             if record.get("bytes_uncompressed"):
                 per_step = record["bytes_uncompressed"] / record["step"]

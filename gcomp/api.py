@@ -52,7 +52,8 @@ def register(
 
     ``precondition="adamw"`` (or a :class:`~gcomp.LocalAdamW`) sends each rank's local AdamW
     direction instead of its gradient; step the model with ``torch.optim.SGD(params, lr,
-    weight_decay=...)`` (see :mod:`gcomp.precondition`).
+    weight_decay=...)`` (see :mod:`gcomp.precondition`); ``precondition="momentum"`` (or a
+    :class:`~gcomp.LocalMomentum`) sends each rank's SGD momentum buffer (step with momentum-free SGD).
 
     ``adaptive=True`` (or an :class:`~gcomp.adaptive.AdaptiveConfig`) attaches the L-GreCo
     controller to ``"powersgd"`` / ``"topk"`` / ``"quantize"``: per-layer ranks / densities / bit

@@ -1,4 +1,5 @@
-"""Compress after preconditioning: each rank sends its local AdamW *direction*, not its gradient.
+"""Compress after preconditioning: each rank sends its local AdamW *direction* (or, for SGD, its
+momentum buffer), not its gradient.
 
 Error feedback is built on linearity: what a compressor leaves out now is sent later, and the sum
 of what was sent tracks the sum of the gradients. AdamW is not linear. Fed a sparse, stale estimate
@@ -18,11 +19,16 @@ same update). Any other optimizer on the model's parameters is refused at its fi
 The moments are per-rank state of the hook (checkpointed with it, dropped with a skipped step),
 kept in unscaled gradient units; with ``GradScaler`` (``state.set_gradient_scale``) the direction
 is multiplied by the loss scale again, so that the scaler's unscale gives the direction itself.
+
+For SGD with momentum the same swap is :class:`LocalMomentum` (``precondition="momentum"``): every
+rank keeps SGD's momentum buffer of its own gradients and sends it, and the model is stepped by
+momentum-free SGD (DGC's momentum correction). Momentum is linear, so here the swap changes nothing
+when nothing is compressed; it decides only where error feedback acts.
 """
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -32,6 +38,7 @@ if TYPE_CHECKING:
     from .hooks.store import LayerStore
 
 FIRST_MOMENT, SECOND_MOMENT, MOMENT_STEPS = "adamw_m", "adamw_v", "adamw_steps"
+VELOCITY = "momentum_buffer"
 
 
 class LocalAdamW:
@@ -83,21 +90,64 @@ class LocalAdamW:
             store.stage(slot.name, {FIRST_MOMENT: moment, SECOND_MOMENT: square, MOMENT_STEPS: steps})
 
 
-def make_preconditioner(precondition: Any) -> Optional[LocalAdamW]:
-    """``None``, ``"adamw"`` or a :class:`LocalAdamW`."""
-    if precondition is None or isinstance(precondition, LocalAdamW):
+class LocalMomentum:
+    """This rank's heavy-ball momentum of each layer (``precondition="momentum"`` or
+    ``LocalMomentum(momentum=0.9)``): SGD's momentum moved in front of the compressor, as in DGC's
+    momentum correction. Each rank keeps ``b = momentum * b + g`` of its own gradients (PyTorch's
+    SGD buffer, dampening 0) and sends ``b``; the model is stepped by momentum-free SGD with the
+    same learning rate. Momentum is linear, so the dense average of the ranks' buffers is the buffer
+    of the averaged gradients: sent uncompressed, this mode is SGD with momentum. Compressed, error
+    feedback works on the velocity, so an entry held back is not also re-amplified by a momentum
+    applied after the exchange."""
+
+    name = "momentum"
+    tensors = (VELOCITY,)
+
+    def __init__(self, momentum: float = 0.9) -> None:
+        if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+            raise ValueError(f"momentum must be a number in [0, 1); got {momentum!r}")
+        self.momentum = float(momentum)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "momentum": self.momentum}
+
+    def direction_(self, buffer: torch.Tensor, layout: "BucketLayout", store: "LayerStore", gradient_scale: Optional[float]) -> None:
+        """Replace every layer of ``buffer`` by this rank's momentum buffer (in the buffer's loss
+        scale, kept unscaled) and stage it (committed with the step)."""
+        dtype = torch.float64 if buffer.dtype == torch.float64 else torch.float32
+        for slot in layout.layers:
+            if slot.numel == 0:
+                continue
+            gradient = slot.flat(buffer).to(dtype)
+            if gradient_scale is not None:
+                gradient = gradient / gradient_scale
+            velocity = store.get(slot.name, VELOCITY, (slot.numel,), dtype, buffer.device)
+            velocity = gradient.clone() if velocity is None else velocity * self.momentum + gradient
+            slot.flat(buffer).copy_(velocity * gradient_scale if gradient_scale is not None else velocity)
+            store.stage(slot.name, {VELOCITY: velocity})
+
+
+Preconditioner = Union[LocalAdamW, LocalMomentum]
+PRECONDITIONERS = {"adamw": LocalAdamW, "momentum": LocalMomentum}
+
+
+def make_preconditioner(precondition: Any) -> Optional[Preconditioner]:
+    """``None``, ``"adamw"``, ``"momentum"``, or a :class:`LocalAdamW` / :class:`LocalMomentum`."""
+    if precondition is None or isinstance(precondition, (LocalAdamW, LocalMomentum)):
         return precondition
-    if precondition == "adamw":
-        return LocalAdamW()
-    raise ValueError(f"precondition must be None, 'adamw' or a gcomp.LocalAdamW; got {precondition!r}")
+    if isinstance(precondition, str) and precondition in PRECONDITIONERS:
+        return PRECONDITIONERS[precondition]()
+    raise ValueError(f"precondition must be None, 'adamw', 'momentum', a gcomp.LocalAdamW or a gcomp.LocalMomentum; got {precondition!r}")
 
 
 class OptimizerGuard:
     """Refuses, at its first step, any optimizer other than momentum-free SGD over parameters whose
-    gradients are AdamW directions (a second AdamW on top would normalise them twice)."""
+    gradients are preconditioned directions (a second AdamW on top would normalise them twice, a
+    second momentum would apply momentum twice)."""
 
-    def __init__(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], preconditioner: Preconditioner) -> None:
         self.parameter_ids = {id(p) for p in parameters}
+        self.preconditioner = preconditioner
         self.checked: set[int] = set()
         self.handle = register_optimizer_step_pre_hook(self._check)
 
@@ -108,10 +158,11 @@ class OptimizerGuard:
         if ours:
             problem = optimizer_problem(optimizer)
             if problem:
-                raise ValueError(
-                    f"gcomp: this DDP model's gradients are averaged AdamW directions (precondition='adamw'); step them "
-                    f"with torch.optim.SGD(params, lr=<AdamW lr>, weight_decay=<AdamW weight decay>) and momentum 0; {problem}"
-                )
+                if isinstance(self.preconditioner, LocalMomentum):
+                    what, fix = "momentum buffers (precondition='momentum')", "torch.optim.SGD(params, lr=<your lr>)"
+                else:
+                    what, fix = "AdamW directions (precondition='adamw')", "torch.optim.SGD(params, lr=<AdamW lr>, weight_decay=<AdamW weight decay>)"
+                raise ValueError(f"gcomp: this DDP model's gradients are averaged {what}; step them with {fix} and momentum 0; {problem}")
         self.checked.add(id(optimizer))
 
     def remove(self) -> None:

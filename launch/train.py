@@ -31,6 +31,7 @@ import gcomp
 from gcomp.examples.charlm import Batches, CharLM, CharLMConfig, build_model, default_corpus_path, language_model_loss, load_corpus
 from gcomp.observe import TensorBoardLogger, progress, progress_write
 
+SGD_MOMENTUM = 0.9  # --optimizer sgd: the momentum of SGD, or of the hook's buffer with --precondition momentum
 TORCH_METHODS = ("none", "torch-powersgd", "torch-fp16")
 
 
@@ -105,9 +106,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per worker per step")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="sgd: momentum 0.9")
-    parser.add_argument("--precondition", action="store_true",
-                        help="with --optimizer adamw: every rank sends its local AdamW direction (gcomp precondition='adamw'), "
-                             "stepped by SGD with AdamW's weight decay")
+    parser.add_argument("--precondition", nargs="?", const="adamw", default=None, choices=("adamw", "momentum"),
+                        help="adamw (the default value; with --optimizer adamw): every rank sends its local AdamW direction "
+                             "(gcomp precondition='adamw'), stepped by SGD with AdamW's weight decay; momentum (with --optimizer sgd): "
+                             "every rank sends its SGD momentum buffer (precondition='momentum'), stepped by momentum-free SGD")
     parser.add_argument("--precondition-betas", type=float, nargs=2, default=None, metavar=("BETA1", "BETA2"),
                         help="--precondition: the local AdamW moments' betas (default gcomp.LocalAdamW's, 0.9 0.999)")
     parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
@@ -209,10 +211,16 @@ def register_method(ddp: DistributedDataParallel, args: argparse.Namespace):
         )
     if args.dense_vectors and args.method != "topk":
         raise ValueError("--dense-vectors applies to --method topk only")
-    if args.precondition_betas and not args.precondition:
-        raise ValueError("--precondition-betas needs --precondition")
-    if args.precondition:
-        options["precondition"] = gcomp.LocalAdamW(betas=tuple(args.precondition_betas)) if args.precondition_betas else "adamw"
+    if args.precondition_betas and args.precondition != "adamw":
+        raise ValueError("--precondition-betas needs --precondition adamw")
+    if args.precondition and (args.precondition == "momentum") != (args.optimizer == "sgd"):
+        raise ValueError("--precondition momentum goes with --optimizer sgd, --precondition adamw with --optimizer adamw")
+    if args.precondition_betas and args.precondition == "adamw":
+        options["precondition"] = gcomp.LocalAdamW(betas=tuple(args.precondition_betas))
+    elif args.precondition == "momentum":
+        options["precondition"] = gcomp.LocalMomentum(momentum=SGD_MOMENTUM)
+    elif args.precondition:
+        options["precondition"] = args.precondition
     return gcomp.register(ddp, args.method, **options)
 
 
@@ -233,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
 
     model, context = build_model(args.model)
-    if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    if args.optimizer == "sgd":  # with precondition="momentum" the momentum is the hook's
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.0 if args.precondition else SGD_MOMENTUM)
     elif args.precondition:  # the gradients are AdamW directions already; AdamW's default weight decay
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, weight_decay=0.01)
     else:

@@ -32,11 +32,11 @@ def _reference_directions(rank_gradients: list[list[torch.Tensor]]) -> list[torc
     return out
 
 
-def _train(rank, world_size, method, options, steps=6, inject_inf_at=None, save_at=None, checkpoint=None):
+def _train(rank, world_size, method, options, steps=6, inject_inf_at=None, save_at=None, checkpoint=None, precondition="adamw"):
     torch.manual_seed(0)
     ddp = DistributedDataParallel(make_mlp(), bucket_cap_mb=0.002)
-    state = gcomp.register(ddp, method, precondition="adamw", **options)
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01, weight_decay=0.01)
+    state = gcomp.register(ddp, method, precondition=precondition, **options)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01, weight_decay=0.01 if precondition == "adamw" else 0.0)
     start = 0
     if checkpoint is not None:
         saved = torch.load(io.BytesIO(checkpoint[rank]), weights_only=True)
@@ -130,6 +130,9 @@ def _every_rule(rank, world_size):
         out[feedback] = _train(rank, world_size, "topk", {"density": 0.05, "feedback": feedback, "warmup_steps": 1}, steps=5)
         out[f"quantize-1-{feedback}"] = _train(
             rank, world_size, "quantize", {"bits": 1, "chunk": 64, "feedback": feedback, "min_compression_rate": 1.0}, steps=5
+        )
+        out[f"momentum-{feedback}"] = _train(
+            rank, world_size, "topk", {"density": 0.05, "feedback": feedback, "warmup_steps": 1}, steps=5, precondition="momentum"
         )
     out["powersgd"] = _train(rank, world_size, "powersgd", {"rank": 2, "warmup_steps": 1, "min_compression_rate": 1.0}, steps=5)
     return out
@@ -236,3 +239,54 @@ def test_bad_options_raise():
         gcomp.PowerSGDState().set_preconditioner("lion")
     with pytest.raises(ValueError, match="betas"):
         gcomp.LocalAdamW(betas=(0.9, 1.0))
+
+
+def _momentum_vs_sgd_momentum(rank, world_size):
+    """precondition="momentum" sent dense, stepped by momentum-free SGD, against plain DDP stepped
+    by SGD with momentum 0.9 (the hook's default momentum)."""
+    moved = _train(rank, world_size, "allreduce", {}, precondition="momentum")
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(make_mlp(), bucket_cap_mb=0.002)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+    for step in range(6):
+        x, y = batch(rank, step)
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(ddp(x), y).backward()
+        optimizer.step()
+    return moved["params"], [p.detach().clone() for p in ddp.parameters()]
+
+
+def test_momentum_sent_dense_is_sgd_with_momentum():
+    """Momentum is linear: averaging the ranks' buffers gives the buffer of the averaged gradients."""
+    for moved, reference in run_ranks(_momentum_vs_sgd_momentum, 2):
+        for a, b in zip(moved, reference):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(moved[0], list(make_mlp().parameters())[0])
+
+
+def _momentum_optimizer(rank, world_size):
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(make_mlp())
+    state = gcomp.register(ddp, "quantize", bits=1, chunk=64, precondition="momentum")
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=1e-3, momentum=0.9)
+    x, y = batch(rank, 0)
+    torch.nn.functional.mse_loss(ddp(x), y).backward()
+    try:
+        optimizer.step()
+        error = ""
+    except ValueError as caught:
+        error = str(caught)
+    state.close()
+    return error
+
+
+def test_a_second_momentum_is_refused():
+    for error in run_ranks(_momentum_optimizer, 2):
+        assert "momentum buffers" in error and "momentum 0" in error, error
+
+
+def test_bad_momentum_raises():
+    with pytest.raises(ValueError, match="momentum"):
+        gcomp.LocalMomentum(momentum=1.0)
+    with pytest.raises(ValueError, match="'momentum'"):
+        gcomp.PowerSGDState().set_preconditioner("nesterov")

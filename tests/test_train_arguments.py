@@ -129,3 +129,13 @@ def test_precondition_betas_reach_the_local_adamw(monkeypatch):
     assert registered_options(monkeypatch, ["--method", "quantize", "--precondition"])["precondition"] == "adamw"
     with pytest.raises(ValueError, match="--precondition-betas"):
         registered_options(monkeypatch, ["--method", "quantize", "--precondition-betas", "0.9", "0.99"])
+
+
+def test_precondition_momentum_goes_with_sgd(monkeypatch):
+    import gcomp
+
+    options = registered_options(monkeypatch, ["--method", "topk", "--optimizer", "sgd", "--precondition", "momentum"])
+    assert isinstance(options["precondition"], gcomp.LocalMomentum) and options["precondition"].momentum == train.SGD_MOMENTUM
+    for argv in (["--method", "topk", "--precondition", "momentum"], ["--method", "topk", "--optimizer", "sgd", "--precondition"]):
+        with pytest.raises(ValueError, match="--precondition momentum goes with --optimizer sgd"):
+            registered_options(monkeypatch, argv)

@@ -187,8 +187,9 @@ class HookState(ABC):
         return self
 
     def set_preconditioner(self, precondition: Any, parameters: Optional[Iterable[torch.nn.Parameter]] = None) -> None:
-        """Send each rank's local AdamW direction instead of its gradient (``"adamw"`` or a
-        :class:`gcomp.LocalAdamW`; see :mod:`gcomp.precondition`). Call before the first step, on
+        """Send each rank's local AdamW direction or momentum buffer instead of its gradient
+        (``"adamw"``, ``"momentum"``, a :class:`gcomp.LocalAdamW` or :class:`gcomp.LocalMomentum`;
+        see :mod:`gcomp.precondition`). Call before the first step, on
         every rank alike. ``parameters`` (the model's): an optimizer other than momentum-free SGD
         over them is refused at its first step."""
         from ..precondition import OptimizerGuard, make_preconditioner
@@ -202,7 +203,7 @@ class HookState(ABC):
             self._optimizer_guard.remove()
             self._optimizer_guard = None
         if self.preconditioner is not None and parameters is not None:
-            self._optimizer_guard = OptimizerGuard(parameters)
+            self._optimizer_guard = OptimizerGuard(parameters, self.preconditioner)
         self._config_verified = False
 
     def stats(self) -> dict[str, Any]:
