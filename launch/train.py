@@ -106,6 +106,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per worker per step")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="sgd: momentum 0.9")
+    parser.add_argument("--clip-grad-norm", type=float, default=None,
+                        help="clip the averaged gradients' total norm to this before each step (usual for LSTMs with SGD)")
     parser.add_argument("--precondition", nargs="?", const="adamw", default=None, choices=("adamw", "momentum"),
                         help="adamw (the default value; with --optimizer adamw): every rank sends its local AdamW direction "
                              "(gcomp precondition='adamw'), stepped by SGD with AdamW's weight decay; momentum (with --optimizer sgd): "
@@ -314,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.zero_grad()
         loss = language_model_loss(ddp, x, y)
         loss.backward()
+        if args.clip_grad_norm:  # on the averaged gradients, identical on every rank
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
         optimizer.step()
         loss_value = loss.item()
         last = step + 1 == args.steps
