@@ -4,10 +4,10 @@
         benchmarks/results/sign/deep_constant_seed0.json --titles "deep, cosine" "deep, constant" \
         --out benchmarks/results/sign/loss_vs_bytes.png
 
-One panel per file, one curve per run (seed 0, or the first seed the file holds). A run without
+One panel per file (three to a row), one curve per run (seed 0, or the first seed the file holds). A run without
 gcomp state (``--method none``, plain DDP) is drawn at the uncompressed byte count that the file's
 compressed runs log (``bytes_uncompressed``: what DDP hands to its allreduce per step); runs from
-other files can be added to a panel with ``--reference FILE`` (uncompressed runs measured apart).
+other files can be added to a panel with ``--reference FILE[,FILE...]`` (e.g. uncompressed runs measured apart).
 The x axis is logarithmic: a run that sends 30x fewer bytes sits 1.5 decades to the left.
 """
 from __future__ import annotations
@@ -48,22 +48,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+")
     parser.add_argument("--titles", nargs="+", default=None)
-    parser.add_argument("--reference", nargs="*", default=[], help="a file per panel whose runs are added to it ('' for none)")
+    parser.add_argument("--reference", nargs="*", default=[], help="per panel, files (comma-separated) whose runs are added to it ('' for none)")
+    parser.add_argument("--max-loss", type=float, default=None, help="clip every panel's y axis here (diverged runs leave the frame)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     titles = args.titles or args.files
-    figure, axes = plt.subplots(1, len(args.files), figsize=(5 * len(args.files), 4), squeeze=False)
+    columns = min(3, len(args.files))
+    rows = -(-len(args.files) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), squeeze=False)
+    for unused in range(len(args.files), rows * columns):
+        axes[unused // columns][unused % columns].axis("off")
     for index, (path, title) in enumerate(zip(args.files, titles)):
         runs, per_step = curves(path)
-        if index < len(args.reference) and args.reference[index]:
-            extra, extra_per_step = curves(args.reference[index])
+        for extra_path in (args.reference[index].split(",") if index < len(args.reference) and args.reference[index] else []):
+            extra, extra_per_step = curves(extra_path)
             runs = {**extra, **runs}
             per_step = per_step or extra_per_step
-        axis = axes[0][index]
+        axis = axes[index // columns][index % columns]
         for label, points in runs.items():
             xs = [sent if sent is not None else (per_step or 0) * step for step, _, sent in points]
             axis.plot([x / 1e6 for x in xs], [loss for _, loss, _ in points], marker="o", markersize=3, label=label)
         axis.set_xscale("log")
+        if args.max_loss is not None:
+            axis.set_ylim(top=min(axis.get_ylim()[1], args.max_loss))
         axis.set_xlabel("MB sent per rank so far (log)")
         axis.set_ylabel("validation loss")
         axis.set_title(title)

@@ -28,7 +28,7 @@ when nothing is compressed; it decides only where error feedback acts.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Union
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -39,6 +39,17 @@ if TYPE_CHECKING:
 
 FIRST_MOMENT, SECOND_MOMENT, MOMENT_STEPS = "adamw_m", "adamw_v", "adamw_steps"
 VELOCITY = "momentum_buffer"
+
+
+def unscaled_layer_gradients(buffer: torch.Tensor, layout: "BucketLayout", gradient_scale: Optional[float]) -> Iterator[tuple[Any, torch.Tensor]]:
+    """Each non-empty layer of ``buffer`` with its gradient in float32 (float64 for a float64
+    bucket) and without the loss scale: the moments are kept in unscaled gradient units."""
+    dtype = torch.float64 if buffer.dtype == torch.float64 else torch.float32
+    for slot in layout.layers:
+        if slot.numel == 0:
+            continue
+        gradient = slot.flat(buffer).to(dtype)
+        yield slot, gradient / gradient_scale if gradient_scale is not None else gradient
 
 
 class LocalAdamW:
@@ -62,15 +73,9 @@ class LocalAdamW:
     def direction_(self, buffer: torch.Tensor, layout: "BucketLayout", store: "LayerStore", gradient_scale: Optional[float]) -> None:
         """Replace every layer of ``buffer`` by this rank's AdamW direction (times the loss scale,
         if any) and stage the updated moments (committed with the step)."""
-        dtype = torch.float64 if buffer.dtype == torch.float64 else torch.float32
         first, second = self.betas
-        for slot in layout.layers:
-            if slot.numel == 0:
-                continue
-            gradient = slot.flat(buffer).to(dtype)
-            if gradient_scale is not None:
-                gradient = gradient / gradient_scale
-            shape, device = (slot.numel,), buffer.device
+        for slot, gradient in unscaled_layer_gradients(buffer, layout, gradient_scale):
+            dtype, shape, device = gradient.dtype, (slot.numel,), buffer.device
             moment = store.get(slot.name, FIRST_MOMENT, shape, dtype, device)
             square = store.get(slot.name, SECOND_MOMENT, shape, dtype, device)
             steps = store.get(slot.name, MOMENT_STEPS, (), torch.float64, device)
@@ -114,14 +119,8 @@ class LocalMomentum:
     def direction_(self, buffer: torch.Tensor, layout: "BucketLayout", store: "LayerStore", gradient_scale: Optional[float]) -> None:
         """Replace every layer of ``buffer`` by this rank's momentum buffer (in the buffer's loss
         scale, kept unscaled) and stage it (committed with the step)."""
-        dtype = torch.float64 if buffer.dtype == torch.float64 else torch.float32
-        for slot in layout.layers:
-            if slot.numel == 0:
-                continue
-            gradient = slot.flat(buffer).to(dtype)
-            if gradient_scale is not None:
-                gradient = gradient / gradient_scale
-            velocity = store.get(slot.name, VELOCITY, (slot.numel,), dtype, buffer.device)
+        for slot, gradient in unscaled_layer_gradients(buffer, layout, gradient_scale):
+            velocity = store.get(slot.name, VELOCITY, (slot.numel,), gradient.dtype, buffer.device)
             velocity = gradient.clone() if velocity is None else velocity * self.momentum + gradient
             slot.flat(buffer).copy_(velocity * gradient_scale if gradient_scale is not None else velocity)
             store.stage(slot.name, {VELOCITY: velocity})

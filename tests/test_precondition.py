@@ -181,10 +181,10 @@ def test_an_overflow_on_one_rank_leaves_the_moments_finite(step):
         assert all(torch.isfinite(p).all() for p in result["params"])
 
 
-def _optimizer(rank, world_size, kind):
+def _optimizer(rank, world_size, kind, precondition="adamw"):
     torch.manual_seed(0)
     ddp = DistributedDataParallel(make_mlp())
-    state = gcomp.register(ddp, "topk", density=0.1, precondition="adamw")
+    state = gcomp.register(ddp, "topk", density=0.1, precondition=precondition)
     optimizer = {
         "adamw": lambda: torch.optim.AdamW(ddp.parameters(), lr=1e-3),
         "sgd-momentum": lambda: torch.optim.SGD(ddp.parameters(), lr=1e-3, momentum=0.9),
@@ -208,6 +208,11 @@ def test_a_mismatched_optimizer_is_refused_at_its_first_step(kind):
             assert error == ""
         else:
             assert "AdamW directions" in error and "torch.optim.SGD" in error, error
+
+
+def test_a_second_momentum_is_refused():
+    for error in run_ranks(_optimizer, 2, "sgd-momentum", "momentum"):
+        assert "momentum buffers" in error and "momentum 0" in error, error
 
 
 MISMATCHED = {"topk": {"density": 0.1}, "quantize": {"bits": 1, "chunk": 64}}
@@ -264,29 +269,38 @@ def test_momentum_sent_dense_is_sgd_with_momentum():
         assert not torch.equal(moved[0], list(make_mlp().parameters())[0])
 
 
-def _momentum_optimizer(rank, world_size):
-    torch.manual_seed(0)
-    ddp = DistributedDataParallel(make_mlp())
-    state = gcomp.register(ddp, "quantize", bits=1, chunk=64, precondition="momentum")
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=1e-3, momentum=0.9)
-    x, y = batch(rank, 0)
-    torch.nn.functional.mse_loss(ddp(x), y).backward()
-    try:
-        optimizer.step()
-        error = ""
-    except ValueError as caught:
-        error = str(caught)
-    state.close()
-    return error
-
-
-def test_a_second_momentum_is_refused():
-    for error in run_ranks(_momentum_optimizer, 2):
-        assert "momentum buffers" in error and "momentum 0" in error, error
-
-
 def test_bad_momentum_raises():
     with pytest.raises(ValueError, match="momentum"):
         gcomp.LocalMomentum(momentum=1.0)
     with pytest.raises(ValueError, match="'momentum'"):
         gcomp.PowerSGDState().set_preconditioner("nesterov")
+
+
+def _scaled(rank, world_size, precondition, scales):
+    """Dense steps at lr 0 with the loss multiplied by scales[t] and the state told so (what
+    GradScaler does, including a changing scale): the averaged gradients come back in each step's
+    loss scale."""
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(make_mlp(), bucket_cap_mb=0.002)
+    state = gcomp.register(ddp, "allreduce", precondition=precondition)
+    averaged = []
+    for step, scale in enumerate(scales):
+        x, y = batch(rank, step)
+        ddp.zero_grad()
+        state.set_gradient_scale(scale)
+        (torch.nn.functional.mse_loss(ddp(x), y) * scale).backward()
+        averaged.append(torch.cat([p.grad.flatten() for p in ddp.parameters()]))
+    state.close()
+    return averaged
+
+
+@pytest.mark.parametrize("precondition", ["adamw", "momentum"])
+def test_a_changing_loss_scale_scales_the_direction_and_not_the_moments(precondition):
+    """The moments are kept unscaled, so each scaled step's direction is the unscaled run's times
+    that step's scale (powers of two: exact up to the last bit of each operation)."""
+    scales = [1024.0, 512.0, 2048.0]
+    unscaled = run_ranks(_scaled, 2, precondition, [1.0] * len(scales))
+    scaled = run_ranks(_scaled, 2, precondition, scales)
+    for one, other, scale in zip(unscaled[0], scaled[0], scales):
+        torch.testing.assert_close(other / scale, one, rtol=1e-6, atol=1e-9)
+    assert any(not torch.equal(a, b) for a, b in zip(unscaled[0][1:], unscaled[0][:-1]))  # the steps differ
