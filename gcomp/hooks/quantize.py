@@ -22,8 +22,9 @@ Tuning guide:
   ``min_compression_rate < 1`` it is the exactness check against a dense average).
 - 1 bit after preconditioning (``bits=1, chunk=512, precondition="adamw"`` for AdamW models,
   ``precondition="momentum"`` for SGD with momentum) is the measured mode for 30x fewer bytes:
-  every step 30.06x smaller than DDP's, and on 500-step runs from scratch within 2-2.3 % of
-  uncompressed AdamW with warm-up + cosine and within 4.6 % of SGD with momentum on an LSTM
+  every step 30.06x smaller than DDP's, and on 500-step runs from scratch within 2-4 % of
+  uncompressed AdamW with warm-up + cosine (5.5 % with a constant rate) and within 4.6 % of SGD
+  with momentum on an LSTM
   (benchmarks/RESULTS.md §3f, where the constant-rate and per-rule rows are).
 - ``chunk``: entries sharing one scale (4 bytes per chunk). Smaller chunks follow the
   gradient's local magnitude, so they err less but cost more: on the CharLM's gradients at 4 bits
