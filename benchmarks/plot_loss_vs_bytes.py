@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--titles", nargs="+", default=None)
     parser.add_argument("--reference", nargs="*", default=[], help="per panel, files (comma-separated) whose runs are added to it ('' for none)")
     parser.add_argument("--max-loss", type=float, default=None, help="clip every panel's y axis here (diverged runs leave the frame)")
+    parser.add_argument("--only", nargs="*", default=None, help="draw only runs with these labels")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     titles = args.titles or args.files
@@ -64,13 +65,16 @@ def main() -> None:
             extra, extra_per_step = curves(extra_path)
             runs = {**extra, **runs}
             per_step = per_step or extra_per_step
+        if args.only:
+            runs = {label: points for label, points in runs.items() if label in args.only}
         axis = axes[index // columns][index % columns]
         for label, points in runs.items():
             xs = [sent if sent is not None else (per_step or 0) * step for step, _, sent in points]
             axis.plot([x / 1e6 for x in xs], [loss for _, loss, _ in points], marker="o", markersize=3, label=label)
         axis.set_xscale("log")
         if args.max_loss is not None:
-            axis.set_ylim(top=min(axis.get_ylim()[1], args.max_loss))
+            lowest = min(loss for points in runs.values() for _, loss, _ in points)
+            axis.set_ylim(lowest - 0.05, min(axis.get_ylim()[1], args.max_loss))
         axis.set_xlabel("MB sent per rank so far (log)")
         axis.set_ylabel("validation loss")
         axis.set_title(title)
