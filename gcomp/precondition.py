@@ -57,6 +57,7 @@ class LocalAdamW:
     or ``precondition="adamw"``)."""
 
     name = "adamw"
+    sends, optimizer = "AdamW directions", "torch.optim.SGD(params, lr=<AdamW lr>, weight_decay=<AdamW weight decay>)"
     tensors = (FIRST_MOMENT, SECOND_MOMENT, MOMENT_STEPS)
 
     def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
@@ -106,6 +107,7 @@ class LocalMomentum:
     applied after the exchange."""
 
     name = "momentum"
+    sends, optimizer = "momentum buffers", "torch.optim.SGD(params, lr=<your lr>)"
     tensors = (VELOCITY,)
 
     def __init__(self, momentum: float = 0.9) -> None:
@@ -157,11 +159,10 @@ class OptimizerGuard:
         if ours:
             problem = optimizer_problem(optimizer)
             if problem:
-                if isinstance(self.preconditioner, LocalMomentum):
-                    what, fix = "momentum buffers (precondition='momentum')", "torch.optim.SGD(params, lr=<your lr>)"
-                else:
-                    what, fix = "AdamW directions (precondition='adamw')", "torch.optim.SGD(params, lr=<AdamW lr>, weight_decay=<AdamW weight decay>)"
-                raise ValueError(f"gcomp: this DDP model's gradients are averaged {what}; step them with {fix} and momentum 0; {problem}")
+                raise ValueError(
+                    f"gcomp: this DDP model's gradients are averaged {self.preconditioner.sends} (precondition="
+                    f"'{self.preconditioner.name}'); step them with {self.preconditioner.optimizer} and momentum 0; {problem}"
+                )
         self.checked.add(id(optimizer))
 
     def remove(self) -> None:

@@ -68,7 +68,7 @@ class CharLMConfig:
             "deep": cls(context=64, width=128, layers=8, heads=4),
         }
         if name not in presets:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(presets) + ['lstm']}")
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(presets)}")
         return presets[name]
 
 
@@ -119,7 +119,10 @@ def build_model(name: str) -> tuple[nn.Module, int]:
     if name == "lstm":
         model = CharLSTM()
         return model, model.context
-    config = CharLMConfig.preset(name)
+    try:
+        config = CharLMConfig.preset(name)
+    except ValueError:
+        raise ValueError(f"unknown model {name!r}; choose lstm or a CharLM preset: deep, medium, small, tiny") from None
     return CharLM(config), config.context
 
 
