@@ -9,7 +9,7 @@ or, PyTorch style, ``ddp_model.register_comm_hook(gcomp.PowerSGDState(rank=4), g
 from ._version import __version__
 from .adaptive import AdaptiveConfig, AdaptiveController, TimeAwareConfig, TimeAwareController
 from .api import METHODS, register
-from .precondition import LocalAdamW, LocalMomentum
+from .precondition import LocalAdamW, LocalLion, LocalMomentum
 from .hooks import (
     AllreduceState,
     AutoState,
@@ -39,6 +39,7 @@ __all__ = [
     "FP16State",
     "HookState",
     "LocalAdamW",
+    "LocalLion",
     "LocalMomentum",
     "PowerSGDState",
     "QuantizeState",

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 FIRST_MOMENT, SECOND_MOMENT, MOMENT_STEPS = "adamw_m", "adamw_v", "adamw_steps"
 VELOCITY = "momentum_buffer"
+LION_MOMENT = "lion_m"
 
 
 def unscaled_layer_gradients(buffer: torch.Tensor, layout: "BucketLayout", gradient_scale: Optional[float]) -> Iterator[tuple[Any, torch.Tensor]]:
@@ -128,17 +129,58 @@ class LocalMomentum:
             store.stage(slot.name, {VELOCITY: velocity})
 
 
-Preconditioner = Union[LocalAdamW, LocalMomentum]
-PRECONDITIONERS = {"adamw": LocalAdamW, "momentum": LocalMomentum}
+class LocalLion:
+    """This rank's Lion direction of each layer (``precondition="lion"`` or
+    ``LocalLion(betas=(0.9, 0.99))``), as in Distributed Lion (Liu et al., 2024). Each rank keeps
+    Lion's moment ``m`` of its own gradients and sends
+
+        u = sign(b1 m + (1 - b1) g),   then   m = b2 m + (1 - b2) g,
+
+    whose entries are +-1 already: a one-bit message (``quantize``, ``bits=1``) carries it with
+    nothing left over, so error feedback has nothing to correct (EF14's residual stays zero) and
+    the ranks' average is Distributed Lion's averaged vote. Step the model with
+    ``torch.optim.SGD(params, lr=<Lion lr>, weight_decay=<Lion weight decay>)``: Lion's learning
+    rate is typically 3-10x below AdamW's and its weight decay as much above, so that
+    ``lr * weight_decay`` stays the same."""
+
+    name = "lion"
+    sends, optimizer = "Lion directions (signs)", "torch.optim.SGD(params, lr=<Lion lr>, weight_decay=<Lion weight decay>)"
+    tensors = (LION_MOMENT,)
+
+    def __init__(self, betas: tuple[float, float] = (0.9, 0.99)) -> None:
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1); got {betas!r}")
+        self.betas = (float(betas[0]), float(betas[1]))
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "betas": list(self.betas)}
+
+    def direction_(self, buffer: torch.Tensor, layout: "BucketLayout", store: "LayerStore", gradient_scale: Optional[float]) -> None:
+        """Replace every layer of ``buffer`` by this rank's Lion direction (times the loss scale, if
+        any) and stage the updated moment (committed with the step)."""
+        interpolation, decay = self.betas
+        for slot, gradient in unscaled_layer_gradients(buffer, layout, gradient_scale):
+            moment = store.get(slot.name, LION_MOMENT, (slot.numel,), gradient.dtype, buffer.device)
+            if moment is None:
+                moment = torch.zeros_like(gradient)
+            direction = torch.sign(moment * interpolation + gradient * (1 - interpolation))
+            # Before the copy: ``gradient`` may be a view of the buffer the direction overwrites.
+            store.stage(slot.name, {LION_MOMENT: moment * decay + gradient * (1 - decay)})
+            slot.flat(buffer).copy_(direction * gradient_scale if gradient_scale is not None else direction)
+
+
+Preconditioner = Union[LocalAdamW, LocalMomentum, LocalLion]
+PRECONDITIONERS = {"adamw": LocalAdamW, "momentum": LocalMomentum, "lion": LocalLion}
 
 
 def make_preconditioner(precondition: Any) -> Optional[Preconditioner]:
-    """``None``, ``"adamw"``, ``"momentum"``, or a :class:`LocalAdamW` / :class:`LocalMomentum`."""
-    if precondition is None or isinstance(precondition, (LocalAdamW, LocalMomentum)):
+    """``None``, ``"adamw"``, ``"momentum"``, ``"lion"``, or a :class:`LocalAdamW` /
+    :class:`LocalMomentum` / :class:`LocalLion`."""
+    if precondition is None or isinstance(precondition, (LocalAdamW, LocalMomentum, LocalLion)):
         return precondition
     if isinstance(precondition, str) and precondition in PRECONDITIONERS:
         return PRECONDITIONERS[precondition]()
-    raise ValueError(f"precondition must be None, 'adamw', 'momentum', a gcomp.LocalAdamW or a gcomp.LocalMomentum; got {precondition!r}")
+    raise ValueError(f"precondition must be None, 'adamw', 'momentum', 'lion', a gcomp.LocalAdamW, a gcomp.LocalMomentum or a gcomp.LocalLion; got {precondition!r}")
 
 
 class OptimizerGuard:

@@ -108,12 +108,15 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="sgd: momentum 0.9")
     parser.add_argument("--clip-grad-norm", type=float, default=None,
                         help="clip the averaged gradients' total norm to this before each step (usual for LSTMs with SGD)")
-    parser.add_argument("--precondition", nargs="?", const="adamw", default=None, choices=("adamw", "momentum"),
+    parser.add_argument("--precondition", nargs="?", const="adamw", default=None, choices=("adamw", "momentum", "lion"),
                         help="adamw (the default value; with --optimizer adamw): every rank sends its local AdamW direction "
                              "(gcomp precondition='adamw'), stepped by SGD with AdamW's weight decay; momentum (with --optimizer sgd): "
-                             "every rank sends its SGD momentum buffer (precondition='momentum'), stepped by momentum-free SGD")
+                             "every rank sends its SGD momentum buffer (precondition='momentum'), stepped by momentum-free SGD; lion (with --optimizer adamw): "
+                             "every rank sends its Lion direction (precondition='lion', Distributed Lion), stepped by SGD with --lr and --weight-decay")
     parser.add_argument("--precondition-betas", type=float, nargs=2, default=None, metavar=("BETA1", "BETA2"),
-                        help="--precondition: the local AdamW moments' betas (default gcomp.LocalAdamW's, 0.9 0.999)")
+                        help="--precondition adamw / lion: the local moments' betas (default gcomp.LocalAdamW's 0.9 0.999, gcomp.LocalLion's 0.9 0.99)")
+    parser.add_argument("--weight-decay", type=float, default=0.01,
+                        help="decoupled weight decay of AdamW, or of the SGD that steps --precondition adamw / lion directions")
     parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
                         help="cosine: linear warm-up over --lr-warmup steps, then cosine decay to 10%% of --lr")
     parser.add_argument("--lr-warmup", type=int, default=0, help="steps of linear learning-rate warm-up (cosine)")
@@ -213,12 +216,14 @@ def register_method(ddp: DistributedDataParallel, args: argparse.Namespace):
         )
     if args.dense_vectors and args.method != "topk":
         raise ValueError("--dense-vectors applies to --method topk only")
-    if args.precondition_betas and args.precondition != "adamw":
-        raise ValueError("--precondition-betas needs --precondition adamw")
+    if args.precondition_betas and args.precondition not in ("adamw", "lion"):
+        raise ValueError("--precondition-betas needs --precondition adamw or lion")
     if args.precondition and (args.precondition == "momentum") != (args.optimizer == "sgd"):
-        raise ValueError("--precondition momentum goes with --optimizer sgd, --precondition adamw with --optimizer adamw")
+        raise ValueError("--precondition momentum goes with --optimizer sgd, --precondition adamw / lion with --optimizer adamw")
     if args.precondition_betas and args.precondition == "adamw":
         options["precondition"] = gcomp.LocalAdamW(betas=tuple(args.precondition_betas))
+    elif args.precondition_betas and args.precondition == "lion":
+        options["precondition"] = gcomp.LocalLion(betas=tuple(args.precondition_betas))
     elif args.precondition == "momentum":
         options["precondition"] = gcomp.LocalMomentum(momentum=SGD_MOMENTUM)
     elif args.precondition:
@@ -245,10 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     model, context = build_model(args.model)
     if args.optimizer == "sgd":  # with precondition="momentum" the momentum is the hook's
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.0 if args.precondition else SGD_MOMENTUM)
-    elif args.precondition:  # the gradients are AdamW directions already; AdamW's default weight decay
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, weight_decay=0.01)
+    elif args.precondition:  # the gradients are AdamW (or Lion) directions already: decoupled weight decay only
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     corpus = load_corpus(args.data, args.max_bytes)
     batches = Batches(corpus, context, args.batch_size, args.seed, rank, partition=(rank, world) if args.heterogeneous else None)
 

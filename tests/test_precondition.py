@@ -79,10 +79,10 @@ def _local_gradients(rank, world_size, steps):
     return out
 
 
-def _dense_directions(rank, world_size):
+def _dense_directions(rank, world_size, precondition="adamw"):
     torch.manual_seed(0)
     ddp = DistributedDataParallel(make_mlp(), bucket_cap_mb=0.002)
-    state = gcomp.register(ddp, "allreduce", precondition="adamw")
+    state = gcomp.register(ddp, "allreduce", precondition=precondition)
     averaged = []
     for step in range(5):
         x, y = batch(rank, step)
@@ -100,6 +100,48 @@ def test_allreduce_averages_each_ranks_own_adamw_direction():
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     for a, b in zip(results[0]["averaged"], results[1]["averaged"]):
         assert torch.equal(a, b)
+
+
+LION_BETAS = (0.9, 0.99)
+
+
+def _reference_lion_directions(rank_gradients: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Per step: the mean over ranks of each rank's own Lion direction (Distributed Lion), by hand."""
+    world = len(rank_gradients)
+    moments = [torch.zeros_like(rank_gradients[0][0], dtype=torch.float64) for _ in range(world)]
+    out = []
+    for step in range(len(rank_gradients[0])):
+        directions = []
+        for rank in range(world):
+            g = rank_gradients[rank][step].double()
+            directions.append(torch.sign(moments[rank] * LION_BETAS[0] + g * (1 - LION_BETAS[0])))
+            moments[rank] = moments[rank] * LION_BETAS[1] + g * (1 - LION_BETAS[1])
+        out.append(sum(directions) / world)
+    return out
+
+
+def test_allreduce_averages_each_ranks_own_lion_direction():
+    results = run_ranks(_dense_directions, 2, "lion")
+    expected = _reference_lion_directions([results[0]["local"], results[1]["local"]])
+    for got, want in zip(results[0]["averaged"], expected):
+        assert torch.equal(got.double(), want)  # signs averaged over two ranks: -1, 0 or 1 exactly
+    assert any(bool((got == 0).any()) for got in results[0]["averaged"])  # the ranks disagree somewhere
+
+
+def _one_bit_lion_vs_dense(rank, world_size):
+    options = {"bits": 1, "chunk": 64, "feedback": "ef14", "min_compression_rate": 1.0}
+    one_bit = _train(rank, world_size, "quantize", options, precondition="lion")
+    return one_bit, _train(rank, world_size, "allreduce", {}, precondition="lion")
+
+
+def test_one_bit_carries_the_lion_direction_exactly():
+    """A Lion direction is +-1 already: one bit per entry (scale = mean |x| = 1) loses nothing, so
+    the one-bit run is Distributed Lion itself, step for step."""
+    for one_bit, dense in run_ranks(_one_bit_lion_vs_dense, 2):
+        for a, b in zip(one_bit["averaged"], dense["averaged"]):
+            assert torch.equal(a, b)
+        for a, b in zip(one_bit["params"], dense["params"]):
+            assert torch.equal(a, b)
 
 
 # The lossless setting of each compressed mode: top-k at density 1, and quantize at 32 bits (every
@@ -134,6 +176,9 @@ def _every_rule(rank, world_size):
         out[f"momentum-{feedback}"] = _train(
             rank, world_size, "topk", {"density": 0.05, "feedback": feedback, "warmup_steps": 1}, steps=5, precondition="momentum"
         )
+    out["lion-quantize-1-ef21"] = _train(
+        rank, world_size, "quantize", {"bits": 1, "chunk": 64, "feedback": "ef21", "min_compression_rate": 1.0}, steps=5, precondition="lion"
+    )
     out["powersgd"] = _train(rank, world_size, "powersgd", {"rank": 2, "warmup_steps": 1, "min_compression_rate": 1.0}, steps=5)
     return out
 
@@ -241,9 +286,11 @@ def test_precondition_on_one_rank_only_raises_on_every_rank(method):
 
 def test_bad_options_raise():
     with pytest.raises(ValueError, match="precondition"):
-        gcomp.PowerSGDState().set_preconditioner("lion")
+        gcomp.PowerSGDState().set_preconditioner("adafactor")
     with pytest.raises(ValueError, match="betas"):
         gcomp.LocalAdamW(betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="betas"):
+        gcomp.LocalLion(betas=(1.5, 0.99))
 
 
 def _momentum_vs_sgd_momentum(rank, world_size):
@@ -294,7 +341,7 @@ def _scaled(rank, world_size, precondition, scales):
     return averaged
 
 
-@pytest.mark.parametrize("precondition", ["adamw", "momentum"])
+@pytest.mark.parametrize("precondition", ["adamw", "momentum", "lion"])
 def test_a_changing_loss_scale_scales_the_direction_and_not_the_moments(precondition):
     """The moments are kept unscaled, so each scaled step's direction is the unscaled run's times
     that step's scale (powers of two: exact up to the last bit of each operation)."""

@@ -139,3 +139,13 @@ def test_precondition_momentum_goes_with_sgd(monkeypatch):
     for argv in (["--method", "topk", "--precondition", "momentum"], ["--method", "topk", "--optimizer", "sgd", "--precondition"]):
         with pytest.raises(ValueError, match="--precondition momentum goes with --optimizer sgd"):
             registered_options(monkeypatch, argv)
+
+
+def test_precondition_lion_takes_its_betas(monkeypatch):
+    import gcomp
+
+    options = registered_options(monkeypatch, ["--method", "quantize", "--bits", "1", "--precondition", "lion", "--precondition-betas", "0.95", "0.98"])
+    assert isinstance(options["precondition"], gcomp.LocalLion) and options["precondition"].betas == (0.95, 0.98)
+    assert registered_options(monkeypatch, ["--method", "quantize", "--precondition", "lion"])["precondition"] == "lion"
+    with pytest.raises(ValueError, match="--precondition momentum goes with --optimizer sgd"):
+        registered_options(monkeypatch, ["--method", "quantize", "--optimizer", "sgd", "--precondition", "lion"])

@@ -187,8 +187,9 @@ class HookState(ABC):
         return self
 
     def set_preconditioner(self, precondition: Any, parameters: Optional[Iterable[torch.nn.Parameter]] = None) -> None:
-        """Send each rank's local AdamW direction or momentum buffer instead of its gradient
-        (``"adamw"``, ``"momentum"``, a :class:`gcomp.LocalAdamW` or :class:`gcomp.LocalMomentum`;
+        """Send each rank's local AdamW direction, momentum buffer or Lion direction instead of its
+        gradient (``"adamw"``, ``"momentum"``, ``"lion"``, or a :class:`gcomp.LocalAdamW`,
+        :class:`gcomp.LocalMomentum` or :class:`gcomp.LocalLion`;
         see :mod:`gcomp.precondition`). Call before the first step, on
         every rank alike. ``parameters`` (the model's): an optimizer other than momentum-free SGD
         over them is refused at its first step."""
