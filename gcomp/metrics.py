@@ -53,7 +53,11 @@ class TrafficStats:
     """Cumulative counters of one hook state. Plain values only, so it checkpoints as-is."""
 
     steps: int = 0
-    compressed_steps: int = 0
+    compressed_steps: int = 0  # sync steps after the warm-up (the adaptive controllers count these)
+    # Sync steps in which no layer was sent smaller than dense: the warm-up, EF21's dense start, a
+    # dense choice of "auto". Each costs a full step of plain DDP's bytes, so a few of them weigh
+    # on the whole run's compression_ratio.
+    dense_steps: int = 0
     skipped_steps: int = 0  # steps whose gradients were non-finite (state left untouched)
     model_group_steps: int = 0  # dense steps run as DDP's own allreduce, off the communication thread
     bytes_sent: int = 0
@@ -74,6 +78,15 @@ class TrafficStats:
             yield
         if traffic is not None:
             traffic.seconds[phase] = traffic.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def __post_init__(self) -> None:
+        self.step_sent_compressed = False  # this step so far (not a counter: not checkpointed)
+
+    def end_step(self) -> None:
+        """Count the step that ends as dense unless some layer of it was sent compressed."""
+        if not self.step_sent_compressed:
+            self.dense_steps += 1
+        self.step_sent_compressed = False
 
     def record_collective(self, sent: int, received: int, link: str = "flat") -> None:
         self.collectives += 1
@@ -96,15 +109,14 @@ class TrafficStats:
         layer.setting = setting
         layer.bytes_sent += int(sent)
         layer.bytes_uncompressed += int(uncompressed)
+        if sent < uncompressed:
+            self.step_sent_compressed = True
 
     def summary(self) -> dict[str, Any]:
         """The dict returned by ``state.stats()``."""
         out = asdict(self)
         # None, not 1.0, when nothing was reduced: "no step ran" must not read as "no compression".
         out["compression_ratio"] = self.bytes_uncompressed / self.bytes_sent if self.bytes_sent else None
-        # Steps that sent every layer dense (warm-up, EF21's dense start, a dense choice of "auto"):
-        # each costs as much as a step of plain DDP, so a few of them weigh on the whole run's ratio.
-        out["dense_steps"] = self.steps - self.compressed_steps
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -115,6 +127,8 @@ class TrafficStats:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("steps", "compressed_steps", "skipped_steps", "model_group_steps", "bytes_sent", "bytes_received", "bytes_uncompressed", "collectives"):
             setattr(self, key, int(state.get(key, 0)))
+        # Checkpoints written before dense_steps was counted: their warm-up steps.
+        self.dense_steps = int(state.get("dense_steps", self.steps - self.compressed_steps))
         self.links = {
             str(link): {key: int(counters.get(key, 0)) for key in ("bytes_sent", "bytes_received", "collectives")}
             for link, counters in state.get("links", {}).items()

@@ -71,6 +71,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounding", default="nearest", choices=("nearest", "stochastic"), help="quantize: rounding of the codes")
     parser.add_argument("--eta", type=float, default=0.1, help="EControl feedback strength")
     parser.add_argument("--feedback-momentum", type=float, default=0.9, help="EF21-SGDM momentum (beta)")
+    parser.add_argument("--estimate-start", default=None, choices=("dense", "zero"),
+                        help="EF21 / EF21-SGDM / EControl: estimates start from one dense average (the default) or from zero")
     parser.add_argument("--warmup-steps", type=int, default=20, help="sync steps of plain allreduce before compressing")
     parser.add_argument("--hierarchical", default="auto", choices=("auto", "on", "off"),
                         help="gcomp methods on several nodes with several processes each: dense inside a node, compressed "
@@ -198,6 +200,10 @@ def register_method(ddp: DistributedDataParallel, args: argparse.Namespace):
     options["hierarchical"] = {"auto": "auto", "on": True, "off": False}[args.hierarchical]
     if args.method in ("topk", "quantize") and args.feedback is not None:
         options["feedback"] = args.feedback
+    if args.estimate_start is not None:
+        if args.method not in ("topk", "quantize"):
+            raise ValueError("--estimate-start applies to --method topk or quantize")
+        options["estimate_start"] = args.estimate_start
     if args.time_aware or args.method == "auto":
         options["time_aware"] = gcomp.TimeAwareConfig(trial_steps=args.time_aware_trial_steps, tolerance=args.time_aware_tolerance)
     if args.adaptive:

@@ -194,3 +194,36 @@ def test_bad_momentum(momentum):
 def test_bad_rule_arguments(name, eta, error, word):
     with pytest.raises(error, match=word):
         make_feedback_rule(name, eta=eta)
+
+
+@pytest.mark.parametrize("name", ["ef21", "econtrol", "ef21-sgdm"])
+def test_a_zero_start_compresses_from_the_first_step(name):
+    """``start="zero"``: no dense step; the first message is the whole gradient (EF21-SGDM: its
+    first momentum), so at full density the first output is already the exact mean."""
+    rule = make_feedback_rule(name, eta=0.1, momentum=0.9, start="zero")
+    assert rule.is_initialised({}) and not rule.holds_state({})
+    result = _simulate(rule, steps=6, k=NUMEL)
+    first = torch.stack(_gradients(0)).mean(0)
+    expected = first * 0.1 if name == "ef21-sgdm" else first  # the momentum starts at zero
+    for output in result["outputs"][0]:
+        assert torch.allclose(output, expected, rtol=1e-5, atol=1e-6), name
+    assert all(rule.holds_state(state) for state in result["states"][0])
+    if name != "ef21-sgdm":
+        for step, outputs in enumerate(result["outputs"]):
+            assert torch.allclose(outputs[0], torch.stack(_gradients(step)).mean(0), rtol=1e-5, atol=1e-5), (name, step)
+
+
+@pytest.mark.parametrize("name", ["ef21", "econtrol", "ef21-sgdm"])
+def test_a_zero_start_keeps_the_replicated_estimate_the_mean_of_the_local_ones(name):
+    result = _simulate(make_feedback_rule(name, eta=0.05, start="zero"), steps=20, k=20, value_dtype=torch.bfloat16)
+    for states in result["states"]:
+        for state in states[1:]:
+            assert torch.equal(state[ESTIMATE], states[0][ESTIMATE])
+        local_mean = torch.stack([state[LOCAL_ESTIMATE] for state in states]).mean(0)
+        assert torch.allclose(states[0][ESTIMATE], local_mean, atol=1e-5)
+
+
+def test_bad_start():
+    with pytest.raises(ValueError, match="estimate_start"):
+        make_feedback_rule("ef21", start="random")
+    assert make_feedback_rule("ef14", start="zero").is_initialised({})  # EF14 has no estimate to start

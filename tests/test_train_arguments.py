@@ -149,3 +149,11 @@ def test_precondition_lion_takes_its_betas(monkeypatch):
     assert registered_options(monkeypatch, ["--method", "quantize", "--precondition", "lion"])["precondition"] == "lion"
     with pytest.raises(ValueError, match="--precondition momentum goes with --optimizer sgd"):
         registered_options(monkeypatch, ["--method", "quantize", "--optimizer", "sgd", "--precondition", "lion"])
+
+
+def test_estimate_start_reaches_the_hook(monkeypatch):
+    options = registered_options(monkeypatch, ["--method", "quantize", "--bits", "1", "--feedback", "ef21", "--estimate-start", "zero"])
+    assert options["estimate_start"] == "zero"
+    assert "estimate_start" not in registered_options(monkeypatch, ["--method", "quantize", "--feedback", "ef21"])
+    with pytest.raises(ValueError, match="--estimate-start"):
+        registered_options(monkeypatch, ["--method", "powersgd", "--estimate-start", "zero"])

@@ -68,16 +68,28 @@ class FeedbackRule(ABC):
     name: ClassVar[str]
     per_rank_tensors: ClassVar[tuple[str, ...]]
     replicated_tensors: ClassVar[tuple[str, ...]]
-    # Estimator rules start from an exact, uncompressed average: starting from a zero estimate
-    # would make the first steps crawl towards the true gradient, and sending C(g) while storing g
-    # (as some reference code does) would split the senders' and receivers' estimates.
+    # Estimator rules start by default from an exact, uncompressed average (``start="dense"``):
+    # from a zero estimate a top-k message moves 1 % of its entries a step, so the first steps would
+    # crawl towards the true gradient; and sending C(g) while storing g (as some reference code
+    # does) would split the senders' and receivers' estimates. ``start="zero"`` starts every
+    # estimate at zero on every rank instead, for compressors that send every entry (one-bit
+    # quantization), so that no step costs full bytes.
     needs_dense_init: ClassVar[bool] = False
+
+    def holds_state(self, stored: Stored) -> bool:
+        """For an estimator rule, whether the layer holds its estimates (every rank must agree:
+        a replicated estimate held by some ranks only would split their parameters)."""
+        return not self.needs_dense_init or all(key in stored for key in self.per_rank_tensors + self.replicated_tensors)
 
     def is_initialised(self, stored: Stored) -> bool:
         """True when the layer can take a compressed step (else the hook runs :meth:`dense_init`)."""
-        if not self.needs_dense_init:
-            return True
-        return all(key in stored for key in self.per_rank_tensors + self.replicated_tensors)
+        return getattr(self, "start", "dense") == "zero" or self.holds_state(stored)
+
+    def started(self, like: torch.Tensor, stored: Stored) -> Stored:
+        """``stored`` with a zero tensor for each one missing (``start="zero"``: the first
+        compressed step of a layer starts from zero estimates)."""
+        missing = [key for key in self.per_rank_tensors + self.replicated_tensors if key not in stored]
+        return {**stored, **{key: torch.zeros_like(like) for key in missing}} if missing else stored
 
     def dense_init(self, gradient: torch.Tensor, mean_gradient: torch.Tensor) -> dict[str, torch.Tensor]:
         """State after a step in which the layer's gradient was averaged uncompressed (the
@@ -140,13 +152,19 @@ class EF21(FeedbackRule):
     replicated_tensors: ClassVar[tuple[str, ...]] = (ESTIMATE,)
     needs_dense_init: ClassVar[bool] = True
 
+    start: str = "dense"
+
+    def __post_init__(self) -> None:
+        check_start(self.start)
+
     def dense_init(self, gradient: torch.Tensor, mean_gradient: torch.Tensor) -> dict[str, torch.Tensor]:
         return {LOCAL_ESTIMATE: gradient.clone(), ESTIMATE: mean_gradient.clone()}
 
     def message_input(self, gradient: torch.Tensor, stored: Stored) -> torch.Tensor:
-        return gradient - stored[LOCAL_ESTIMATE]
+        return gradient - self.started(gradient, stored)[LOCAL_ESTIMATE]
 
     def update(self, stored: Stored, exchange: Exchange) -> FeedbackUpdate:
+        stored = self.started(exchange.gradient, stored)
         estimate = stored[ESTIMATE] + exchange.mean
         return FeedbackUpdate(
             stored={LOCAL_ESTIMATE: stored[LOCAL_ESTIMATE] + exchange.own, ESTIMATE: estimate},
@@ -175,9 +193,11 @@ class EF21SGDM(FeedbackRule):
     needs_dense_init: ClassVar[bool] = True
 
     momentum: float = 0.9
+    start: str = "dense"
 
     def __post_init__(self) -> None:
         check_momentum(self.momentum)
+        check_start(self.start)
 
     def dense_init(self, gradient: torch.Tensor, mean_gradient: torch.Tensor) -> dict[str, torch.Tensor]:
         return {MOMENTUM: gradient.clone(), LOCAL_ESTIMATE: gradient.clone(), ESTIMATE: mean_gradient.clone()}
@@ -188,6 +208,7 @@ class EF21SGDM(FeedbackRule):
         return torch.lerp(stored[MOMENTUM], gradient, 1.0 - self.momentum)
 
     def message_input(self, gradient: torch.Tensor, stored: Stored) -> torch.Tensor:
+        stored = self.started(gradient, stored)
         return self._averaged(gradient, stored) - stored[LOCAL_ESTIMATE]
 
     def uncompressed_input(self, gradient: torch.Tensor, stored: Stored) -> torch.Tensor:
@@ -201,6 +222,7 @@ class EF21SGDM(FeedbackRule):
     def update(self, stored: Stored, exchange: Exchange) -> FeedbackUpdate:
         # Recomputed rather than carried over from message_input: the same operation on the same
         # inputs gives the same bits, and rules keep no state between the two calls.
+        stored = self.started(exchange.gradient, stored)
         averaged = self._averaged(exchange.gradient, stored)
         estimate = stored[ESTIMATE] + exchange.mean
         return FeedbackUpdate(
@@ -228,20 +250,24 @@ class EControl(FeedbackRule):
     needs_dense_init: ClassVar[bool] = True
 
     eta: float = 0.1
+    start: str = "dense"
 
     def __post_init__(self) -> None:
         check_eta(self.eta)
+        check_start(self.start)
 
     def dense_init(self, gradient: torch.Tensor, mean_gradient: torch.Tensor) -> dict[str, torch.Tensor]:
         return {ERROR: torch.zeros_like(gradient), LOCAL_ESTIMATE: gradient.clone(), ESTIMATE: mean_gradient.clone()}
 
     def message_input(self, gradient: torch.Tensor, stored: Stored) -> torch.Tensor:
+        stored = self.started(gradient, stored)
         message = gradient - stored[LOCAL_ESTIMATE]
         if self.eta != 0.0:  # eta = 0 sends EF21's message bit for bit
             message.add_(stored[ERROR], alpha=self.eta)
         return message
 
     def update(self, stored: Stored, exchange: Exchange) -> FeedbackUpdate:
+        stored = self.started(exchange.gradient, stored)
         innovation = exchange.gradient - stored[LOCAL_ESTIMATE]
         estimate = stored[ESTIMATE] + exchange.mean
         return FeedbackUpdate(
@@ -269,19 +295,33 @@ def check_momentum(momentum: object) -> None:
         raise ValueError(f"momentum must be a number in [0, 1) (EF21-SGDM's averaging factor, default 0.9); got {momentum!r}")
 
 
-def make_feedback_rule(name: str, *, eta: float = 0.1, momentum: float = 0.9) -> FeedbackRule:
+ESTIMATE_STARTS: tuple[str, ...] = ("dense", "zero")
+
+
+def check_start(start: object) -> None:
+    """How an estimator rule's estimates start: ``"dense"`` or ``"zero"``."""
+    if not isinstance(start, str) or start not in ESTIMATE_STARTS:
+        raise ValueError(
+            f"estimate_start must be one of {list(ESTIMATE_STARTS)} (EF21 / EF21-SGDM / EControl: from one exact dense "
+            f"average, or from zero with every step compressed); got {start!r}"
+        )
+
+
+def make_feedback_rule(name: str, *, eta: float = 0.1, momentum: float = 0.9, start: str = "dense") -> FeedbackRule:
     """The rule called ``name`` (one of :data:`FEEDBACK_NAMES`); ``eta`` is used by EControl only,
-    ``momentum`` by EF21-SGDM only (both are checked whatever the rule)."""
+    ``momentum`` by EF21-SGDM only, ``start`` by the estimator rules only (each is checked whatever
+    the rule)."""
     if not isinstance(name, str):
         raise TypeError(f"feedback must be a string, one of {list(FEEDBACK_NAMES)}; got {name!r}")
     check_eta(eta)
     check_momentum(momentum)
+    check_start(start)
     if name == EF14.name:
         return EF14()
     if name == EF21.name:
-        return EF21()
+        return EF21(start=start)
     if name == EF21SGDM.name:
-        return EF21SGDM(momentum=float(momentum))
+        return EF21SGDM(momentum=float(momentum), start=start)
     if name == EControl.name:
-        return EControl(eta=float(eta))
+        return EControl(eta=float(eta), start=start)
     raise ValueError(f"unknown feedback {name!r}; choose one of {list(FEEDBACK_NAMES)}")

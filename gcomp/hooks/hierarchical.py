@@ -5,8 +5,8 @@ Every rank divides its bucket by the node's process count and the node's ranks s
 leader's bucket (divided first, as DDP does for half precision, so the sum stays in range). The
 leader runs exactly what the flat path runs (warm-up average or the codec, with its state, its
 agreement checks and its non-finite skip) over the leaders' group, whose size divides once more:
-``sum / (processes per node x nodes)`` is the global mean. The leader then broadcasts a two-entry
-status to its node, ``[failed, step non-finite]``, and, unless it failed, the averaged bucket.
+``sum / (processes per node x nodes)`` is the global mean. The leader then broadcasts a three-entry
+status to its node, ``[failed, step non-finite, step sent compressed]``, and, unless it failed, the averaged bucket.
 
 The status makes the guarantees of the flat path hold on ranks that never run the codec:
 
@@ -18,7 +18,7 @@ The status makes the guarantees of the flat path hold on ranks that never run th
   the leaders after inconsistent checkpoints) is sent to its node with the status, and the node's
   other ranks raise it too, instead of waiting for a broadcast that never comes.
 
-The status costs one 16-byte broadcast per bucket inside the node, and one host read on the
+The status costs one 24-byte broadcast per bucket inside the node, and one host read on the
 non-leaders (on the communication thread, where the flat path makes host reads too).
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ def reduce_within_nodes(state: "HookState", buffer: torch.Tensor, layout: "Bucke
                 buffer.copy_(result)
         except Exception as error:  # noqa: BLE001 - sent to the node, then raised here too
             failure = error
-        flags = [int(failure is not None), int(not state.lifecycle.finite)]
+        flags = [int(failure is not None), int(not state.lifecycle.finite), int(state.traffic.step_sent_compressed)]
         status = torch.tensor(flags, dtype=torch.int64, device=status_device)
         intra.broadcast_(status, LEADER, state.traffic)
         if failure is not None:
@@ -62,9 +62,9 @@ def reduce_within_nodes(state: "HookState", buffer: torch.Tensor, layout: "Bucke
                                        group=intra.process_group)
             raise failure
     else:
-        status = torch.zeros(2, dtype=torch.int64, device=status_device)
+        status = torch.zeros(3, dtype=torch.int64, device=status_device)
         intra.broadcast_(status, LEADER, state.traffic)
-        failed, non_finite = state.worker.runtime.to_list(status)
+        failed, non_finite, leader_compressed = state.worker.runtime.to_list(status)
         if failed:
             received: list = [None]
             leader = dist.get_global_rank(intra.process_group, LEADER)
@@ -74,6 +74,8 @@ def reduce_within_nodes(state: "HookState", buffer: torch.Tensor, layout: "Bucke
             raise error_type(f"{text} (raised by this node's leader, rank {leader})")
         if not state.lifecycle.in_warmup(step):
             state.lifecycle.mark_compressed()
+        if leader_compressed:  # what crossed between nodes decides whether the step was dense
+            state.traffic.step_sent_compressed = True
         if non_finite and state.lifecycle.finite:
             state.lifecycle.mark_non_finite()
             level = logging.WARNING if state.observer is not None else logging.INFO

@@ -102,6 +102,7 @@ class MessageState(HookState):
         momentum: float,
         warmup_steps: int,
         min_compression_rate: float,
+        estimate_start: str = "dense",
         worker: Optional[CommWorker] = None,
         exchange: Optional[MessageExchange] = None,
         hierarchical: Union[str, bool] = "auto",
@@ -110,12 +111,13 @@ class MessageState(HookState):
             math.isfinite(min_compression_rate) and min_compression_rate > 0
         ):
             raise ValueError(f"min_compression_rate must be a finite number > 0 (default 2); got {min_compression_rate!r}")
-        rule = make_feedback_rule(feedback, eta=eta, momentum=momentum)
+        rule = make_feedback_rule(feedback, eta=eta, momentum=momentum, start=estimate_start)
         super().__init__(process_group, warmup_steps=warmup_steps, worker=worker, hierarchical=hierarchical)
         self.feedback = feedback
         self.eta = float(eta)
         self.momentum = float(momentum)
         self.min_compression_rate = float(min_compression_rate)
+        self.estimate_start = estimate_start
         self.rule: FeedbackRule = rule
         self.exchange: MessageExchange = exchange if exchange is not None else AllgatherExchange()
         self.exchange.check_codec(self)
@@ -194,7 +196,9 @@ class MessageState(HookState):
         if fingerprint not in self._agreed_layouts:
             # The per-layer settings and which layers are initialised densely this step set the
             # sizes of both collectives: they can only differ after inconsistent checkpoints.
-            fresh = {slot.name for slot in initialised_now}
+            # (With estimate_start="zero" no layer is initialised densely, but a layer holding its
+            # replicated estimate on one rank only would still split the ranks' parameters.)
+            fresh = {layer.slot.name for layer in plan.compressed if not self.rule.holds_state(stored[layer.slot.name])}
             check_agreement(
                 self.codec_transport, self.worker.runtime, self.agreement_topic,
                 [(layer.slot.name, layer.setting, layer.slot.name in fresh) for layer in plan.compressed], device,

@@ -77,6 +77,9 @@ class QuantizeState(MessageState):
         momentum: EF21-SGDM's averaging factor beta in [0, 1) (ignored by the other rules).
         warmup_steps: sync steps of plain allreduce before compression starts.
         min_compression_rate: quantize a layer only if ``message bytes * rate < dense bytes``.
+        estimate_start: how EF21 / EF21-SGDM / EControl estimates start: ``"dense"`` (one exact
+            average of the layer, one step at full bytes) or ``"zero"`` (from zero on every rank,
+            every step compressed: suits a compressor that sends every entry, such as one bit).
         layer_bits: per-layer bit widths ``{parameter name: bits}`` (the adaptive controller sets these).
         worker: share a communication thread with another state in the same process.
         hierarchical: ``"auto"`` (default), ``True`` or ``False``: sum densely inside each node
@@ -104,6 +107,7 @@ class QuantizeState(MessageState):
         momentum: float = 0.9,
         warmup_steps: int = 0,
         min_compression_rate: float = 2.0,
+        estimate_start: str = "dense",
         layer_bits: Optional[Mapping[str, int]] = None,
         worker: Optional[CommWorker] = None,
         hierarchical: Union[str, bool] = "auto",
@@ -114,7 +118,7 @@ class QuantizeState(MessageState):
             raise ValueError(f"rounding must be one of {list(ROUNDING_MODES)}; got {rounding!r}")
         super().__init__(
             process_group, feedback=feedback, eta=eta, momentum=momentum, warmup_steps=warmup_steps,
-            min_compression_rate=min_compression_rate, worker=worker, hierarchical=hierarchical,
+            min_compression_rate=min_compression_rate, estimate_start=estimate_start, worker=worker, hierarchical=hierarchical,
         )
         self.bits = int(bits)
         self.chunk = int(chunk)
@@ -133,6 +137,8 @@ class QuantizeState(MessageState):
             "eta": self.eta,
             "momentum": self.momentum,
             "min_compression_rate": self.min_compression_rate,
+            # Only when not the default: checkpoints written before the option existed still load.
+            **({"estimate_start": self.estimate_start} if self.estimate_start != "dense" else {}),
         }
 
     def set_layer_bits(self, layer_bits: Mapping[str, int]) -> None:

@@ -58,6 +58,7 @@ class StepLifecycle:
         if not self._finite:
             traffic.skipped_steps += 1
         traffic.steps += 1
+        traffic.end_step()
         if self._compressed:
             traffic.compressed_steps += 1
         self._finite = True

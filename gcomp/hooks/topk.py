@@ -100,6 +100,9 @@ class TopKState(MessageState):
         value_dtype: dtype of the values on the wire: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
         warmup_steps: sync steps of plain allreduce before compression starts.
         min_compression_rate: send a layer sparse only if ``message bytes * rate < dense bytes``.
+        estimate_start: how EF21 / EF21-SGDM / EControl estimates start: ``"dense"`` (one exact
+            average of the layer, one step at full bytes) or ``"zero"`` (from zero on every rank,
+            every step compressed: suits a compressor that sends every entry, such as one bit).
         layer_densities: per-layer density overrides ``{parameter name: density}`` (the adaptive
             controller sets these).
         exchange: how the sparse layers travel: ``"allgather"`` (each rank's own top-k) or
@@ -130,6 +133,7 @@ class TopKState(MessageState):
         value_dtype: Union[str, torch.dtype] = "float32",
         warmup_steps: int = 10,
         min_compression_rate: float = 2.0,
+        estimate_start: str = "dense",
         layer_densities: Optional[Mapping[str, float]] = None,
         exchange: str = "allgather",
         worker: Optional[CommWorker] = None,
@@ -139,7 +143,7 @@ class TopKState(MessageState):
         value_dtype_name = _value_dtype_name(value_dtype)
         super().__init__(
             process_group, feedback=feedback, eta=eta, momentum=momentum, warmup_steps=warmup_steps,
-            min_compression_rate=min_compression_rate, worker=worker, exchange=make_exchange(exchange),
+            min_compression_rate=min_compression_rate, estimate_start=estimate_start, worker=worker, exchange=make_exchange(exchange),
             hierarchical=hierarchical,
         )
         self.density = float(density)
@@ -158,6 +162,8 @@ class TopKState(MessageState):
             "momentum": self.momentum,
             "value_dtype": self.value_dtype_name,
             "min_compression_rate": self.min_compression_rate,
+            # Only when not the default: checkpoints written before the option existed still load.
+            **({"estimate_start": self.estimate_start} if self.estimate_start != "dense" else {}),
             "exchange": self.exchange.name,
         }
 
