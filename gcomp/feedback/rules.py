@@ -75,6 +75,7 @@ class FeedbackRule(ABC):
     # estimate at zero on every rank instead, for compressors that send every entry (one-bit
     # quantization), so that no step costs full bytes.
     needs_dense_init: ClassVar[bool] = False
+    start = "dense"  # an estimator rule's field: "dense" or "zero"
 
     def holds_state(self, stored: Stored) -> bool:
         """For an estimator rule, whether the layer holds its estimates (every rank must agree:
@@ -83,7 +84,7 @@ class FeedbackRule(ABC):
 
     def is_initialised(self, stored: Stored) -> bool:
         """True when the layer can take a compressed step (else the hook runs :meth:`dense_init`)."""
-        return getattr(self, "start", "dense") == "zero" or self.holds_state(stored)
+        return self.start == "zero" or self.holds_state(stored)
 
     def started(self, like: torch.Tensor, stored: Stored) -> Stored:
         """``stored`` with a zero tensor for each one missing (``start="zero"``: the first
