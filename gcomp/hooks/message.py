@@ -124,6 +124,14 @@ class MessageState(HookState):
         # Layouts whose split into compressed / initialised layers all ranks have confirmed.
         self._agreed_layouts: set[int] = set()
 
+    def feedback_config(self) -> dict[str, Any]:
+        """The feedback rule's and the split's hyperparameters, for :meth:`config`."""
+        out: dict[str, Any] = {"feedback": self.feedback, "eta": self.eta, "momentum": self.momentum,
+                               "min_compression_rate": self.min_compression_rate}
+        if self.rule.needs_dense_init:  # only rules with estimates have a start (EF14 checkpoints load as before)
+            out["estimate_start"] = self.estimate_start
+        return out
+
     def settings_changed(self) -> None:
         super().settings_changed()
         self._agreed_layouts.clear()

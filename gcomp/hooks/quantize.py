@@ -133,12 +133,7 @@ class QuantizeState(MessageState):
             "bits": self.bits,
             "chunk": self.chunk,
             "rounding": self.rounding,
-            "feedback": self.feedback,
-            "eta": self.eta,
-            "momentum": self.momentum,
-            "min_compression_rate": self.min_compression_rate,
-            # Only when not the default: checkpoints written before the option existed still load.
-            **({"estimate_start": self.estimate_start} if self.estimate_start != "dense" else {}),
+            **self.feedback_config(),
         }
 
     def set_layer_bits(self, layer_bits: Mapping[str, int]) -> None:

@@ -157,13 +157,8 @@ class TopKState(MessageState):
         return {
             **super().config(),
             "density": self.density,
-            "feedback": self.feedback,
-            "eta": self.eta,
-            "momentum": self.momentum,
+            **self.feedback_config(),
             "value_dtype": self.value_dtype_name,
-            "min_compression_rate": self.min_compression_rate,
-            # Only when not the default: checkpoints written before the option existed still load.
-            **({"estimate_start": self.estimate_start} if self.estimate_start != "dense" else {}),
             "exchange": self.exchange.name,
         }
 
