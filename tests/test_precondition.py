@@ -389,8 +389,9 @@ def _estimate_start(rank, world_size, start, saved=None):
 
 
 def test_a_zero_start_sends_no_dense_step():
-    """estimate_start="zero": the one-bit mode's EF21 compresses from its first step (every byte
-    at 1 bit an entry); the dense start spends one step at full bytes."""
+    """estimate_start="zero" (quantize's default): the one-bit mode's EF21 compresses from its
+    first step (every byte at 1 bit an entry); the dense start spends one step at full bytes."""
+    assert gcomp.QuantizeState().estimate_start == "zero" and gcomp.TopKState().estimate_start == "dense"
     dense = run_ranks(_estimate_start, 2, "dense")
     zero = run_ranks(_estimate_start, 2, "zero")
     assert dense[0]["stats"]["dense_steps"] == 1 and zero[0]["stats"]["dense_steps"] == 0
