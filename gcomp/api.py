@@ -53,7 +53,9 @@ def register(
     ``precondition="adamw"`` (or a :class:`~gcomp.LocalAdamW`) sends each rank's local AdamW
     direction instead of its gradient; step the model with ``torch.optim.SGD(params, lr,
     weight_decay=...)`` (see :mod:`gcomp.precondition`); ``precondition="momentum"`` (or a
-    :class:`~gcomp.LocalMomentum`) sends each rank's SGD momentum buffer (step with momentum-free SGD).
+    :class:`~gcomp.LocalMomentum`) sends each rank's SGD momentum buffer (step with momentum-free SGD);
+    ``precondition="lion"`` (or a :class:`~gcomp.LocalLion`) sends each rank's Lion direction (step
+    with ``torch.optim.SGD(params, lr=<Lion lr>, weight_decay=<Lion weight decay>)``).
 
     ``adaptive=True`` (or an :class:`~gcomp.adaptive.AdaptiveConfig`) attaches the L-GreCo
     controller to ``"powersgd"`` / ``"topk"`` / ``"quantize"``: per-layer ranks / densities / bit

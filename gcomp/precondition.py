@@ -1,5 +1,5 @@
-"""Compress after preconditioning: each rank sends its local AdamW *direction* (or, for SGD, its
-momentum buffer), not its gradient.
+"""Compress after preconditioning: each rank sends its local AdamW or Lion *direction* (or, for
+SGD, its momentum buffer), not its gradient.
 
 Error feedback is built on linearity: what a compressor leaves out now is sent later, and the sum
 of what was sent tracks the sum of the gradients. AdamW is not linear. Fed a sparse, stale estimate
@@ -19,6 +19,10 @@ same update). Any other optimizer on the model's parameters is refused at its fi
 The moments are per-rank state of the hook (checkpointed with it, dropped with a skipped step),
 kept in unscaled gradient units; with ``GradScaler`` (``state.set_gradient_scale``) the direction
 is multiplied by the loss scale again, so that the scaler's unscale gives the direction itself.
+
+:class:`LocalLion` (``precondition="lion"``) sends each rank's Lion direction, whose entries are
++-1: a one-bit message carries it exactly (Distributed Lion), stepped by SGD with Lion's learning
+rate and weight decay.
 
 For SGD with momentum the same swap is :class:`LocalMomentum` (``precondition="momentum"``): every
 rank keeps SGD's momentum buffer of its own gradients and sends it, and the model is stepped by

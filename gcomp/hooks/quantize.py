@@ -25,7 +25,12 @@ Tuning guide:
   every step 30.06x smaller than DDP's, and on 500-step runs from scratch within 2-4 % of
   uncompressed AdamW with warm-up + cosine (5.5 % with a constant rate) and within 4.6 % of SGD
   with momentum on an LSTM
-  (benchmarks/RESULTS.md §3f, where the constant-rate and per-rule rows are).
+  (benchmarks/RESULTS.md §3f, where the constant-rate and per-rule rows are). ``precondition="lion"``
+  sends Lion directions, which one bit carries exactly (Distributed Lion; §3g: its learning rate
+  did not carry over between the two transformers measured).
+- ``estimate_start``: ``"zero"`` (default) starts EF21 / EF21-SGDM / EControl from zero estimates,
+  so no step is sent at full bytes; measured against the dense start, the same loss on the
+  transformer and no worse on the LSTM (§3f).
 - ``chunk``: entries sharing one scale (4 bytes per chunk). Smaller chunks follow the
   gradient's local magnitude, so they err less but cost more: on the CharLM's gradients at 4 bits
   the relative error is 0.093 / 0.109 / 0.136 / 0.165 for chunks of 64 / 256 / 512 / 1024 at
