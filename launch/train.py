@@ -72,7 +72,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eta", type=float, default=0.1, help="EControl feedback strength")
     parser.add_argument("--feedback-momentum", type=float, default=0.9, help="EF21-SGDM momentum (beta)")
     parser.add_argument("--estimate-start", default=None, choices=("dense", "zero"),
-                        help="EF21 / EF21-SGDM / EControl: estimates start from one dense average (the default) or from zero")
+                        help="EF21 / EF21-SGDM / EControl: estimates start from one dense average or from zero (default: the method's, topk dense, quantize zero)")
     parser.add_argument("--warmup-steps", type=int, default=20, help="sync steps of plain allreduce before compressing")
     parser.add_argument("--hierarchical", default="auto", choices=("auto", "on", "off"),
                         help="gcomp methods on several nodes with several processes each: dense inside a node, compressed "
