@@ -370,6 +370,7 @@ def test_value_dtype_accepts_torch_dtypes_and_config_is_plain():
         "momentum": 0.9,
         "value_dtype": "bfloat16",
         "min_compression_rate": 2.0,
+        "estimate_start": "dense",
         "exchange": "allgather",
     }
     assert "topk" in gcomp.METHODS
