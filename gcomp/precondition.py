@@ -46,9 +46,17 @@ VELOCITY = "momentum_buffer"
 LION_MOMENT = "lion_m"
 
 
+def checked_betas(betas: Any) -> tuple[float, float]:
+    """Two moment decay rates, each in [0, 1)."""
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1); got {betas!r}")
+    return (float(betas[0]), float(betas[1]))
+
+
 def unscaled_layer_gradients(buffer: torch.Tensor, layout: "BucketLayout", gradient_scale: Optional[float]) -> Iterator[tuple[Any, torch.Tensor]]:
     """Each non-empty layer of ``buffer`` with its gradient in float32 (float64 for a float64
-    bucket) and without the loss scale: the moments are kept in unscaled gradient units."""
+    bucket) and without the loss scale: the moments are kept in unscaled gradient units. Without
+    a scale the gradient of a float32 bucket is a view of it: read it before writing the layer."""
     dtype = torch.float64 if buffer.dtype == torch.float64 else torch.float32
     for slot in layout.layers:
         if slot.numel == 0:
@@ -66,11 +74,9 @@ class LocalAdamW:
     tensors = (FIRST_MOMENT, SECOND_MOMENT, MOMENT_STEPS)
 
     def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1); got {betas!r}")
+        self.betas = checked_betas(betas)
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
             raise ValueError(f"eps must be a finite number > 0; got {eps!r}")
-        self.betas = (float(betas[0]), float(betas[1]))
         self.eps = float(eps)
 
     def config(self) -> dict[str, Any]:
@@ -152,9 +158,7 @@ class LocalLion:
     tensors = (LION_MOMENT,)
 
     def __init__(self, betas: tuple[float, float] = (0.9, 0.99)) -> None:
-        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1); got {betas!r}")
-        self.betas = (float(betas[0]), float(betas[1]))
+        self.betas = checked_betas(betas)
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "betas": list(self.betas)}
@@ -168,7 +172,7 @@ class LocalLion:
             if moment is None:
                 moment = torch.zeros_like(gradient)
             direction = torch.sign(moment * interpolation + gradient * (1 - interpolation))
-            # Before the copy: ``gradient`` may be a view of the buffer the direction overwrites.
+            # Staged before the copy, which may overwrite ``gradient`` (see unscaled_layer_gradients).
             store.stage(slot.name, {LION_MOMENT: moment * decay + gradient * (1 - decay)})
             slot.flat(buffer).copy_(direction * gradient_scale if gradient_scale is not None else direction)
 
