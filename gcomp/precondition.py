@@ -82,6 +82,12 @@ class LocalAdamW:
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "betas": list(self.betas), "eps": self.eps}
 
+    def single_momentum_hint(self) -> Optional[str]:
+        """How to leave EF21-SGDM's momentum the only average of gradients (``None``: already)."""
+        if self.betas[0] == 0:
+            return None
+        return f"precondition=gcomp.LocalAdamW(betas=(0.0, {self.betas[1]})): EF21-SGDM's momentum is then AdamW's first moment"
+
     def direction_(self, buffer: torch.Tensor, layout: "BucketLayout", store: "LayerStore", gradient_scale: Optional[float]) -> None:
         """Replace every layer of ``buffer`` by this rank's AdamW direction (times the loss scale,
         if any) and stage the updated moments (committed with the step)."""
@@ -129,6 +135,12 @@ class LocalMomentum:
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "momentum": self.momentum}
 
+    def single_momentum_hint(self) -> Optional[str]:
+        """How to leave EF21-SGDM's momentum the only average of gradients (``None``: already)."""
+        if self.momentum == 0:
+            return None
+        return "no precondition, and momentum-free SGD at lr / (1 - EF21-SGDM's momentum): its momentum is then SGD's"
+
     def direction_(self, buffer: torch.Tensor, layout: "BucketLayout", store: "LayerStore", gradient_scale: Optional[float]) -> None:
         """Replace every layer of ``buffer`` by this rank's momentum buffer (in the buffer's loss
         scale, kept unscaled) and stage it (committed with the step)."""
@@ -162,6 +174,11 @@ class LocalLion:
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "betas": list(self.betas)}
+
+    def single_momentum_hint(self) -> Optional[str]:
+        """How to leave EF21-SGDM's momentum the only average of gradients: Lion's moment is part
+        of its direction, so never with Lion."""
+        return "feedback='ef14', 'ef21' or 'econtrol' with Lion directions, whose moment is part of the direction"
 
     def direction_(self, buffer: torch.Tensor, layout: "BucketLayout", store: "LayerStore", gradient_scale: Optional[float]) -> None:
         """Replace every layer of ``buffer`` by this rank's Lion direction (times the loss scale, if

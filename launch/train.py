@@ -31,7 +31,7 @@ import gcomp
 from gcomp.examples.charlm import Batches, CharLM, CharLMConfig, build_model, default_corpus_path, language_model_loss, load_corpus
 from gcomp.observe import TensorBoardLogger, progress, progress_write
 
-SGD_MOMENTUM = 0.9  # --optimizer sgd: the momentum of SGD, or of the hook's buffer with --precondition momentum
+SGD_MOMENTUM = 0.9  # --sgd-momentum's default: the momentum of SGD, or of the hook's buffer with --precondition momentum
 TORCH_METHODS = ("none", "torch-powersgd", "torch-fp16")
 
 
@@ -107,7 +107,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per worker per step")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="sgd: momentum 0.9")
+    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="sgd: with --sgd-momentum")
+    parser.add_argument("--sgd-momentum", type=float, default=SGD_MOMENTUM,
+                        help="--optimizer sgd: SGD's momentum, or the hook's buffer's with --precondition momentum; 0 with "
+                             "--feedback ef21-sgdm, whose own momentum then is the only one (scale --lr by 1 / (1 - its momentum))")
     parser.add_argument("--clip-grad-norm", type=float, default=None,
                         help="clip the averaged gradients' total norm to this before each step (usual for LSTMs with SGD)")
     parser.add_argument("--precondition", nargs="?", const="adamw", default=None, choices=("adamw", "momentum", "lion"),
@@ -231,7 +234,7 @@ def register_method(ddp: DistributedDataParallel, args: argparse.Namespace):
     elif args.precondition_betas and args.precondition == "lion":
         options["precondition"] = gcomp.LocalLion(betas=tuple(args.precondition_betas))
     elif args.precondition == "momentum":
-        options["precondition"] = gcomp.LocalMomentum(momentum=SGD_MOMENTUM)
+        options["precondition"] = gcomp.LocalMomentum(momentum=args.sgd_momentum)
     elif args.precondition:
         options["precondition"] = args.precondition
     return gcomp.register(ddp, args.method, **options)
@@ -255,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model, context = build_model(args.model)
     if args.optimizer == "sgd":  # with precondition="momentum" the momentum is the hook's
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.0 if args.precondition else SGD_MOMENTUM)
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.0 if args.precondition else args.sgd_momentum)
     elif args.precondition:  # the gradients are AdamW (or Lion) directions already: decoupled weight decay only
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     else:

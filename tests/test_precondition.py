@@ -1,6 +1,7 @@
 """Compress after preconditioning (precondition="adamw"): each rank's local AdamW direction is what
 is compressed and averaged; the optimizer must be momentum-free SGD."""
 import io
+import logging
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import gcomp
+from gcomp.precondition import make_preconditioner
 from distributed import run_ranks
 from models import batch, make_mlp
 
@@ -407,3 +409,19 @@ def test_an_estimate_held_on_one_rank_only_raises_on_every_rank():
     saved = run_ranks(_estimate_start, 2, "zero")[0]["saved"]
     for result in run_ranks(_estimate_start, 2, "zero", saved):
         assert result["error"] is not None and "ranks disagree" in result["error"], result["error"]
+
+
+@pytest.mark.parametrize("state_class", [gcomp.QuantizeState, gcomp.TopKState])
+def test_ef21_sgdm_on_a_direction_that_averages_gradients_warns(state_class, caplog):
+    cases = [("adamw", True), (gcomp.LocalAdamW(betas=(0.0, 0.999)), False), ("momentum", True),
+             (gcomp.LocalMomentum(momentum=0.0), False), ("lion", True)]
+    for precondition, warns in cases:
+        for feedback, momentum in (("ef21-sgdm", 0.9), ("ef21-sgdm", 0.0), ("ef21", 0.9)):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="gcomp.hooks.message"):
+                state_class(feedback=feedback, momentum=momentum).set_preconditioner(precondition)
+            expected = warns and feedback == "ef21-sgdm" and momentum > 0
+            assert ("two momenta" in caplog.text) == expected, (precondition, feedback, momentum, caplog.text)
+            if expected:
+                hint = make_preconditioner(precondition).single_momentum_hint()
+                assert hint in caplog.text

@@ -183,9 +183,11 @@ class EF21SGDM(FeedbackRule):
     sampling noise, and at 1 % density it can only move 1 % of its entries per step; ``v_i``
     averages that noise away, so the estimate tracks a target that moves slowly. ``beta = 0`` is
     EF21 bit for bit. The output is an average of recent gradients (not a sum), so learning rates
-    tuned for uncompressed training keep their scale. Meant for plain SGD, whose momentum it
-    replaces: under AdamW it is a second average on top of Adam's and lagged behind EF21 in
-    benchmarks/RESULTS.md §3b.
+    tuned for uncompressed training keep their scale. Its momentum replaces the optimizer's: with
+    SGD, step momentum-free SGD at ``lr / (1 - momentum)`` (SGD with momentum at ``lr`` when
+    nothing is compressed); after AdamW preconditioning, give the local AdamW a first beta of 0
+    (``LocalAdamW(betas=(0.0, 0.999))``). On top of another momentum it is a second average, and
+    trained worse in benchmarks/RESULTS.md §3b and §3i.
     """
 
     name: ClassVar[str] = "ef21-sgdm"

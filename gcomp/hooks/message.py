@@ -41,6 +41,7 @@ The codec interface a subclass implements (all per layer, plain Python settings)
 """
 from __future__ import annotations
 
+import logging
 import math
 from abc import abstractmethod
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ from ..metrics import TrafficStats
 from .base import HookState
 from .exchange import AllgatherExchange, CompressedLayers, MessageExchange
 from .layout import BucketLayout, LayerSlot
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,18 @@ class MessageState(HookState):
         if self.rule.needs_dense_init:  # only rules with estimates have a start (EF14 checkpoints load as before)
             out["estimate_start"] = self.estimate_start
         return out
+
+    def set_preconditioner(self, precondition: Any, parameters: Any = None) -> None:
+        """As :meth:`HookState.set_preconditioner`; warns when EF21-SGDM's momentum would average a
+        direction that averages gradients already (two momenta in a row: on the deep CharLM +17 %
+        loss against +4 % with one, benchmarks/RESULTS.md §3i)."""
+        super().set_preconditioner(precondition, parameters)
+        if self.preconditioner is None or self.rule.name != "ef21-sgdm" or self.momentum == 0:
+            return
+        hint = self.preconditioner.single_momentum_hint()
+        if hint is not None:
+            logger.warning("gcomp: feedback='ef21-sgdm' averages %s, which average gradients already (two momenta in a row "
+                           "train worse); for one, use %s", self.preconditioner.sends, hint)
 
     def settings_changed(self) -> None:
         super().settings_changed()
