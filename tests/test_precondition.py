@@ -320,6 +320,39 @@ def _momentum_vs_sgd_momentum(rank, world_size):
     return moved["params"], [p.detach().clone() for p in ddp.parameters()]
 
 
+def _ef21_sgdm_vs_sgd_momentum(rank, world_size):
+    """EF21-SGDM as the only momentum: lossless messages (32 bits) from zero estimates, stepped by
+    momentum-free SGD at lr / (1 - momentum), against plain DDP stepped by SGD with that momentum at lr."""
+    results = []
+    for compressed in (True, False):
+        torch.manual_seed(0)
+        ddp = DistributedDataParallel(make_mlp(), bucket_cap_mb=0.002)
+        if compressed:
+            state = gcomp.register(ddp, "quantize", bits=32, feedback="ef21-sgdm", momentum=0.9, estimate_start="zero",
+                                   min_compression_rate=0.5)
+            optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01 / (1 - 0.9))
+        else:
+            optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+        for step in range(6):
+            x, y = batch(rank, step)
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(ddp(x), y).backward()
+            optimizer.step()
+        if compressed:
+            state.close()
+        results.append([p.detach().clone() for p in ddp.parameters()])
+    return results
+
+
+def test_ef21_sgdm_as_the_only_momentum_is_sgd_with_momentum():
+    """Why momentum-free SGD at lr / (1 - momentum) is EF21-SGDM's optimizer: its output is an
+    average of gradients, SGD's momentum buffer a sum; lossless, the two steps are the same."""
+    for moved, reference in run_ranks(_ef21_sgdm_vs_sgd_momentum, 2):
+        for a, b in zip(moved, reference):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(moved[0], list(make_mlp().parameters())[0])
+
+
 def test_momentum_sent_dense_is_sgd_with_momentum():
     """Momentum is linear: averaging the ranks' buffers gives the buffer of the averaged gradients."""
     for moved, reference in run_ranks(_momentum_vs_sgd_momentum, 2):
