@@ -305,43 +305,39 @@ def test_bad_options_raise():
         gcomp.LocalLion(betas=(1.5, 0.99))
 
 
-def _momentum_vs_sgd_momentum(rank, world_size):
-    """precondition="momentum" sent dense, stepped by momentum-free SGD, against plain DDP stepped
-    by SGD with momentum 0.9 (the hook's default momentum)."""
-    moved = _train(rank, world_size, "allreduce", {}, precondition="momentum")
-    torch.manual_seed(0)
-    ddp = DistributedDataParallel(make_mlp(), bucket_cap_mb=0.002)
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+def _six_steps(ddp, optimizer, rank):
     for step in range(6):
         x, y = batch(rank, step)
         optimizer.zero_grad()
         torch.nn.functional.mse_loss(ddp(x), y).backward()
         optimizer.step()
-    return moved["params"], [p.detach().clone() for p in ddp.parameters()]
+    return [p.detach().clone() for p in ddp.parameters()]
+
+
+def _sgd_with_momentum(rank):
+    """Plain DDP stepped by SGD with momentum 0.9 at lr 0.01: what the momentum modes must equal."""
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(make_mlp(), bucket_cap_mb=0.002)
+    return _six_steps(ddp, torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9), rank)
+
+
+def _momentum_vs_sgd_momentum(rank, world_size):
+    """precondition="momentum" sent dense, stepped by momentum-free SGD, against plain DDP stepped
+    by SGD with momentum 0.9 (the hook's default momentum)."""
+    moved = _train(rank, world_size, "allreduce", {}, precondition="momentum")
+    return moved["params"], _sgd_with_momentum(rank)
 
 
 def _ef21_sgdm_vs_sgd_momentum(rank, world_size):
     """EF21-SGDM as the only momentum: lossless messages (32 bits) from zero estimates, stepped by
     momentum-free SGD at lr / (1 - momentum), against plain DDP stepped by SGD with that momentum at lr."""
-    results = []
-    for compressed in (True, False):
-        torch.manual_seed(0)
-        ddp = DistributedDataParallel(make_mlp(), bucket_cap_mb=0.002)
-        if compressed:
-            state = gcomp.register(ddp, "quantize", bits=32, feedback="ef21-sgdm", momentum=0.9, estimate_start="zero",
-                                   min_compression_rate=0.5)
-            optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01 / (1 - 0.9))
-        else:
-            optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
-        for step in range(6):
-            x, y = batch(rank, step)
-            optimizer.zero_grad()
-            torch.nn.functional.mse_loss(ddp(x), y).backward()
-            optimizer.step()
-        if compressed:
-            state.close()
-        results.append([p.detach().clone() for p in ddp.parameters()])
-    return results
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(make_mlp(), bucket_cap_mb=0.002)
+    state = gcomp.register(ddp, "quantize", bits=32, feedback="ef21-sgdm", momentum=0.9, estimate_start="zero",
+                           min_compression_rate=0.5)
+    moved = _six_steps(ddp, torch.optim.SGD(ddp.parameters(), lr=0.01 / (1 - 0.9)), rank)
+    state.close()
+    return moved, _sgd_with_momentum(rank)
 
 
 def test_ef21_sgdm_as_the_only_momentum_is_sgd_with_momentum():
