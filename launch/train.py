@@ -108,8 +108,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per worker per step")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="sgd: with --sgd-momentum")
-    parser.add_argument("--sgd-momentum", type=float, default=SGD_MOMENTUM,
-                        help="--optimizer sgd: SGD's momentum, or the hook's buffer's with --precondition momentum; 0 with "
+    parser.add_argument("--sgd-momentum", type=float, default=None,
+                        help=f"--optimizer sgd (default {SGD_MOMENTUM}): SGD's momentum, or the hook's buffer's with --precondition momentum; 0 with "
                              "--feedback ef21-sgdm, whose own momentum then is the only one (scale --lr by 1 / (1 - its momentum))")
     parser.add_argument("--clip-grad-norm", type=float, default=None,
                         help="clip the averaged gradients' total norm to this before each step (usual for LSTMs with SGD)")
@@ -149,7 +149,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fault-kill-at", type=int, default=None, metavar="STEP",
                         help="fault injection for restart tests: the last rank SIGKILLs itself before this step, "
                              "on the first attempt only (torchrun's TORCHELASTIC_RESTART_COUNT == 0)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.sgd_momentum is not None and args.optimizer != "sgd":
+        parser.error("--sgd-momentum goes with --optimizer sgd (AdamW has no SGD momentum)")
+    args.sgd_momentum = SGD_MOMENTUM if args.sgd_momentum is None else args.sgd_momentum
+    return args
 
 
 def init_distributed() -> None:

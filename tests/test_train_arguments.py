@@ -138,6 +138,8 @@ def test_precondition_momentum_goes_with_sgd(monkeypatch):
     assert isinstance(options["precondition"], gcomp.LocalMomentum) and options["precondition"].momentum == train.SGD_MOMENTUM
     options = registered_options(monkeypatch, ["--method", "topk", "--optimizer", "sgd", "--precondition", "momentum", "--sgd-momentum", "0.5"])
     assert options["precondition"].momentum == 0.5
+    with pytest.raises(SystemExit):  # argparse's error: AdamW has no SGD momentum to set
+        train.parse_arguments(["--method", "topk", "--sgd-momentum", "0.5"])
     for argv in (["--method", "topk", "--precondition", "momentum"], ["--method", "topk", "--optimizer", "sgd", "--precondition"]):
         with pytest.raises(ValueError, match="--precondition momentum goes with --optimizer sgd"):
             registered_options(monkeypatch, argv)
