@@ -23,7 +23,8 @@ Tuning guide:
 - 1 bit after preconditioning (``bits=1, chunk=512, precondition="adamw"`` for AdamW models,
   ``precondition="momentum"`` for SGD with momentum) is the measured mode for 30x fewer bytes:
   every step 30.06x smaller than DDP's, and on 500-step runs from scratch within 2-4 % of
-  uncompressed AdamW with warm-up + cosine (5.5 % with a constant rate) and within 4.6 % of SGD
+  uncompressed AdamW with warm-up + cosine (5.5 % with a constant rate; 1.9 / 4.2 % at 1000 steps,
+  §3i) and within 4.6 % of SGD
   with momentum on an LSTM
   (benchmarks/RESULTS.md §3f, where the constant-rate and per-rule rows are). ``precondition="lion"``
   sends Lion directions, which one bit carries exactly (Distributed Lion; §3g: its learning rate
